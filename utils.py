@@ -103,7 +103,7 @@ def _strip_string(s):
     s = re.sub(r"p\.m\.$", "", s).strip()
     s = re.sub(r"(\d)\s*t$", r"\1", s).strip()
     s = s.replace("\\$", "").replace("$", "").replace("x\\in", "")
-    s = s.replace("\\%", "%").replace("\\%", "%")  # twice, as KLASS: \\% also ends as %
+    s = s.replace("\\%", "%").replace("\\%", "%")  # twice, as KLASS does: "\\\\%" also ends as "%"
     s = s.replace(" .", " 0.").replace("{.", "{0.").replace("\\cdot", "")
     s = s.replace("infinity", "\\infty")
     if "\\infty" not in s:
