@@ -71,7 +71,7 @@ class DemaskDecoder:
         current = torch.full((B,), -1, device=x.device)
         step_in_block = torch.zeros(B, dtype=torch.long, device=x.device)
         schedule = torch.zeros(B, steps_per_block, dtype=torch.long, device=x.device)
-        p_prev, used_steps = 0.0, 0
+        p_prev, used_steps = torch.zeros((), dtype=torch.float64, device=x.device), 0
         history = torch.zeros(B, gen_length, self.history_length, dtype=torch.float64, device=x.device)
         while (x[:, P:] == self.mask_id).any():
             masked = x[:, P:] == self.mask_id
@@ -232,7 +232,7 @@ class KlassDecoder(BlockDecoder):
         self.history_length, self.unmask_strategy, self.variant = history_length, unmask_strategy, variant
 
     def start(self, batch_size, gen_length, device):
-        self.p_prev = 0.0
+        self.p_prev = torch.zeros((), dtype=torch.float64, device=device)
         self.history = torch.zeros(batch_size, gen_length, self.history_length, dtype=torch.float64, device=device)
 
     def select(self, logits, candidates, k, step):
@@ -811,7 +811,7 @@ def run_eval(cfg, model, decoder, task, samples, run_dir):
                 print(f"warning: decoder reported {reported} steps but {max(counted)} forwards were counted "
                       f"(sample {batch[0]['id']}); avg_steps uses the counted value", file=sys.stderr)
             for s, text, stop, steps, verdict in zip(batch, texts, stopped, counted, verdicts):
-                record = dict(id=s["id"], prompt=s.get("prompt_text"), generation=text, stopped=stop, **verdict,
+                record = dict(id=s["id"], prompt=s["messages"][-1]["content"], generation=text, stopped=stop, **verdict,
                               steps=steps, reported_steps=reported, seed=seed, seconds=round(seconds, 4))
                 out.write(json.dumps(record) + "\n")
                 out.flush()
