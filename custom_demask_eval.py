@@ -779,24 +779,49 @@ def cut_at_stop(ids, stop_ids):
     return ids, False
 
 
-def read_records(run_dir):
-    """Finished samples of a run; a last line cut off by a crash is dropped from the file."""
-    path = os.path.join(run_dir, "samples.jsonl")
-    if not os.path.exists(path):
-        return []
-    records, seen, kept = [], set(), []
+def parse_lines(path):
+    """Complete JSON lines of a samples file; a line cut off by a crash is skipped."""
+    out = []
     with open(path) as f:
         for line in f:
             try:
-                r = json.loads(line)
+                out.append(json.loads(line)) if line.endswith("\n") else None
             except json.JSONDecodeError:
-                continue
-            if line.endswith("\n") and r["id"] not in seen:
-                seen.add(r["id"])
-                records.append(r)
-                kept.append(line)
-    with open(path, "w") as f:
-        f.writelines(kept)
+                pass
+    return out
+
+
+def read_records(run_dir):
+    """Finished samples of a run from all its samples files (one per process), each id once."""
+    records, seen = [], set()
+    for name in sorted(os.listdir(run_dir)):
+        if name.startswith("samples") and name.endswith(".jsonl"):
+            for r in parse_lines(os.path.join(run_dir, name)):
+                if r["id"] not in seen:
+                    seen.add(r["id"])
+                    records.append(r)
+    return records
+
+
+def repair(path):
+    """Drop a partial last line (a crash mid-write) so that appending stays valid JSON Lines."""
+    if os.path.exists(path):
+        lines = [json.dumps(r) + "\n" for r in parse_lines(path)]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(path + ".tmp", path)
+
+
+def merge_samples(run_dir):
+    """One samples.jsonl from all per-process files (written atomically, then the parts removed)."""
+    records = read_records(run_dir)
+    path = os.path.join(run_dir, "samples.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+    for name in os.listdir(run_dir):
+        if name.startswith("samples.rank"):
+            os.remove(os.path.join(run_dir, name))
     return records
 
 
@@ -834,18 +859,23 @@ def progress(task, records, total):
     return f"TRAIN_METRICS: {task.name} {len(records)}/{total} " + " ".join(fields)
 
 
-def run_eval(cfg, model, decoder, task, samples, run_dir):
-    """Decode and judge every sample not yet in run_dir/samples.jsonl; returns all records."""
+def run_eval(cfg, model, decoder, task, samples, run_dir, rank=0, world=1):
+    """Decode and judge this process's share of the samples not yet in the run directory.
+    Returns the records of this process (those of earlier attempts included)."""
     from tqdm import tqdm
-    records = read_records(run_dir)
+    mine = {s["id"] for s in samples[rank::world]}
+    records = [r for r in read_records(run_dir) if r["id"] in mine]
     done = {r["id"] for r in records}
     for i, s in enumerate(samples):
         s["index"] = i
-    todo = sorted((s for s in samples if s["id"] not in done), key=lambda s: len(s["prompt_ids"]))
+    todo = sorted((s for s in samples[rank::world] if s["id"] not in done), key=lambda s: len(s["prompt_ids"]))
+    path = os.path.join(run_dir, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
+    repair(path)
+    total = len(mine)
     batches = [todo[i:i + cfg["batch_size"]] for i in range(0, len(todo), cfg["batch_size"])]
     warned = False
-    with open(os.path.join(run_dir, "samples.jsonl"), "a") as out, \
-            tqdm(total=len(samples), initial=len(records), file=sys.stderr, desc=cfg["label"]) as bar:
+    with open(path, "a") as out, tqdm(total=total, initial=len(records), file=sys.stderr, desc=cfg["label"],
+                                      disable=rank > 0) as bar:
         for batch in batches:
             seed = cfg["seed"] + batch[0]["index"]
             start = time.time()
@@ -869,8 +899,8 @@ def run_eval(cfg, model, decoder, task, samples, run_dir):
                 os.fsync(out.fileno())
                 records.append(record)
                 bar.update(1)
-                if len(records) % 10 == 0 or len(records) == len(samples):
-                    print(progress(task, records, len(samples)), flush=True)
+                if rank == 0 and (len(records) % 10 == 0 or len(records) == total):
+                    print(progress(task, records, total), flush=True)
     return records
 
 
@@ -967,27 +997,63 @@ def resolve_config(args):
     return cfg
 
 
+def distributed():
+    """(rank, world size, device) under torchrun / accelerate launch; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, None
+    import torch.distributed as dist
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world, f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+
+
+def shared_run_dir(args, cfg, rank, world):
+    """The run directory, named by rank 0 and shared with the other processes."""
+    name = args.resume or os.path.join(args.results_dir, cfg["label"], f"{cfg['decoder']}-"
+                                       f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
+    if world > 1:
+        import torch.distributed as dist
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        name = box[0]
+    return name
+
+
 def main(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
+    rank, world, device = distributed()
     started = time.time()
     task = TASKS[cfg["task"]]()
     samples = task.load(cfg)[:cfg["limit"]]
-    run_dir = args.resume or os.path.join(args.results_dir, cfg["label"], f"{cfg['decoder']}-"
-                                          f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
-    print(f"run directory: {run_dir}", file=sys.stderr)
+    run_dir = shared_run_dir(args, cfg, rank, world)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        print(f"run directory: {run_dir}" + (f" ({world} processes)" if world > 1 else ""), file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()
 
-    model = load_model(cfg["model"], device=cfg["device"])
+    model = load_model(cfg["model"], device=device or cfg["device"])
     for s in samples:
         s["prompt_ids"] = encode_prompt(model, s)
     decoder = build_decoder(cfg["decoder"], model.mask_id, cfg, cfg["decoder_args"])
-    records = run_eval(cfg, model, decoder, task, samples, run_dir)
-    metrics = summarize(cfg, task, records, run_dir, model, started)
-    for name, value in metrics.items():
-        print(f"{name}_{cfg['label']}: {value:.4f}")
+    run_eval(cfg, model, decoder, task, samples, run_dir, rank, world)
+    if world > 1:
+        torch.distributed.barrier()
+    metrics = None
+    if rank == 0:
+        records = merge_samples(run_dir)
+        metrics = summarize(cfg, task, records, run_dir, model, started)
+        for name, value in metrics.items():
+            print(f"{name}_{cfg['label']}: {value:.4f}")
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return metrics
 
 

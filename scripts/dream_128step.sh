@@ -1,0 +1,3 @@
+#!/usr/bin/env bash
+# Label dream-128step: see README.md. Honours MODEL_PATH and LIMIT; extra arguments are passed through.
+cd "$(dirname "$0")/.." && exec python custom_demask_eval.py --label dream-128step ${MODEL_PATH:+--model_path "$MODEL_PATH"} ${LIMIT:+--limit "$LIMIT"} "$@"
