@@ -122,6 +122,7 @@ class Scorer:
     fallback_reason: str = None
     load_seconds: float = None
     start_id: int = None
+    feature_cache: dict = dataclasses.field(default_factory=dict, repr=False)   # human MAUVE features
 
     def __post_init__(self):
         if self.requested is None:
@@ -453,14 +454,12 @@ def mauve_stats(p_feats, q_feats, seeds=MAUVE_SEEDS):
             "num_buckets": nb, "seeds": list(seeds)}
 
 
-_HUMAN_FEATURE_CACHE = {}
-
-
 def _cached_features(scorer, texts, max_len, batch_size):
-    key = (scorer.name, max_len, hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest())
-    if key not in _HUMAN_FEATURE_CACHE:
-        _HUMAN_FEATURE_CACHE[key] = mauve_features_counted(scorer, texts, max_len, batch_size)
-    return _HUMAN_FEATURE_CACHE[key]
+    """Features of `texts`, memoised on the scorer object (keyed by max_len and the texts' hash)."""
+    key = (max_len, hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest())
+    if key not in scorer.feature_cache:
+        scorer.feature_cache[key] = mauve_features_counted(scorer, texts, max_len, batch_size)
+    return scorer.feature_cache[key]
 
 
 # ---- the one call for a text run -------------------------------------------------------------
@@ -474,7 +473,8 @@ def text_metrics(scorer, records, batch_size=8, seeds=MAUVE_SEEDS, mauve_max_len
       gen_ppl, median_sample_ppl, n_boundary_fallback, n_ppl_tokens, scorer, scorer_requested
         (gen_ppl of the continuations under `scorer`, §10.3);
       mauve, mauve_std, mauve_per_seed, mauve_star (human P + R vs model P + C, features from
-        `scorer`; the human features are cached in-process per scorer);
+        `scorer`; the human features are memoised on the Scorer object, so a second run with the
+        same scorer and records does not recompute them);
       entropy: mean over samples of the bigram entropy in BITS of the whole continuation's GPT-2
         ids (the harness's `entropy_<label>`);
       rep2, H1, H2: means over samples on the first 224 GPT-2 ids (nats for H1/H2);

@@ -244,6 +244,9 @@ def test_text_metrics_on_tiny_model(tok, records):
     assert 0.0 <= out["mauve"] <= 1.0 and len(out["mauve_per_seed"]) == 5
     for k in ("gen_ppl", "median_sample_ppl", "n_boundary_fallback", "mauve_std", "mauve_star"):
         assert k in out
+    assert len(sc.feature_cache) == 1          # human features memoised on the scorer
+    again = utils.text_metrics(sc, recs, batch_size=8)
+    assert again["mauve_per_seed"] == out["mauve_per_seed"] and len(sc.feature_cache) == 1
 
 
 # ---------------------------------------------------------------- data file
