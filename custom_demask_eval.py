@@ -44,6 +44,14 @@ def add_gumbel_noise(logits, temperature):
     return logits.exp() / noise
 
 
+def choosable(logits, model):
+    """Logits for token choice only: the mask id and the padded logit columns beyond the
+    tokenizer (models.md section 4.3) can never be committed. Scores keep the full width."""
+    allowed = torch.arange(logits.shape[-1], device=logits.device) < getattr(model, "n_tokens", logits.shape[-1])
+    allowed[model.mask_id] = False
+    return logits.masked_fill(~allowed, -torch.inf)
+
+
 # --- EDITABLE REGION START ---
 class DemaskDecoder:
     """KLASS (arXiv 2511.05664), LLaDA version, as ../shared/docs/decoders.md section 2 states it.
@@ -84,7 +92,7 @@ class DemaskDecoder:
 
             logits = model(x).logits[:, P:]
             p = F.softmax(logits.to(torch.float64), dim=-1)
-            tokens = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
+            tokens = torch.argmax(add_gumbel_noise(choosable(logits, model), self.temperature), dim=-1)
             conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
             kl = (p * (torch.log(p + 1e-12) - torch.log(p_prev + 1e-12))).sum(-1)
             history = torch.cat([history[..., 1:], kl[..., None]], dim=-1)
@@ -110,18 +118,21 @@ class DemaskDecoder:
 # Reference decoders: every row of a batch works on its own earliest block that still has
 # masks, so a row's forward count does not depend on the other rows of its batch.
 
-def propose_tokens(logits, temperature, top_p, family):
+def propose_tokens(logits, temperature, top_p, family, model=None):
     """Token choice of decoders.md section 0. Returns (tokens, clean float64 probs, confidence).
+    With `model`, ids that can never be committed are excluded from the choice (`choosable`).
 
     LLaDA style: Gumbel-max on the logits, confidence = clean probability of the token.
     Dream style (sample_tokens): temperature, then top-p, then sample or argmax; confidence =
     probability of the drawn token under that adjusted distribution.
     """
     p = F.softmax(logits.to(torch.float64), dim=-1)
+    if model is not None:
+        logits = choosable(logits, model)
     if family != "dream":
         tokens = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
         return tokens, p, torch.gather(p, -1, tokens[..., None]).squeeze(-1)
-    q = F.softmax(logits.to(torch.float64) / max(temperature, 1e-8), dim=-1) if temperature > 0 else p
+    q = F.softmax(logits.to(torch.float64) / max(temperature, 1e-8) if temperature > 0 else logits.to(torch.float64), dim=-1)
     if top_p is not None and top_p < 1:
         sorted_q, order = torch.sort(q, dim=-1, descending=True)
         drop = sorted_q.cumsum(-1) - sorted_q > top_p
@@ -163,7 +174,7 @@ class BlockDecoder:
     def decode(self, model, input_ids, gen_length, steps, block_length):
         B, P = input_ids.shape
         device = model.device
-        self.family = getattr(model, "family", "llada")
+        self.family, self.model = getattr(model, "family", "llada"), model
         x = F.pad(input_ids.to(device), (0, gen_length), value=self.mask_id)
         steps_per_block = steps // (gen_length // block_length)
         offsets = torch.arange(gen_length if self.whole_generation else block_length, device=device)
@@ -211,7 +222,7 @@ class TopKDecoder(BlockDecoder):
         self.score = score
 
     def select(self, logits, candidates, k, step):
-        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         return top_k_commit(self.scores[self.score](p, conf), candidates, k), tokens
 
 
@@ -237,7 +248,7 @@ class KlassDecoder(BlockDecoder):
 
     def select(self, logits, candidates, k, step):
         dream = (self.variant if self.variant != "auto" else self.family) == "dream"
-        drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         tokens = p.argmax(-1) if dream else drawn
         conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
         kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
@@ -449,6 +460,7 @@ class DiffusionLM:
         named = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")] if tokenizer else []
         self.stop_ids = sorted({i for i in [eos, self.pad_id, *named] if isinstance(i, int) and i != tokenizer_unk(tokenizer)})
         self.vocab_size = net.parts()[3].out_features
+        self.n_tokens = len(tokenizer) if tokenizer else self.vocab_size
         self.nfe = torch.zeros(0, dtype=torch.long)
         self.prompt_mask, self.observer = None, None
 
