@@ -8,7 +8,9 @@ labels and tasks -> rule checks -> evaluation loop and result files -> CLI.
 """
 import argparse
 import datetime
+import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -708,7 +710,7 @@ def describe_decoder(name, decoder, cfg):
     info = method_info(name)
     out = dict(method_type=info.method_type, representative_param=info.representative_param,
                scorer=method_scorer(name, cfg.get("decoder_args")), remasks=bool(getattr(decoder, "remasks", False)),
-               cls=f"{type(decoder).__module__}.{type(decoder).__qualname__}")
+               cls=f"{type(decoder).__module__.replace('__main__', 'custom_demask_eval')}.{type(decoder).__qualname__}")
     if callable(getattr(decoder, "info", None)):
         out.update(decoder.info(cfg["gen_length"], cfg["steps"], cfg["block_length"]))
     return out
@@ -1357,6 +1359,498 @@ def summarize(cfg, task, records, run_dir, model, started):
 
 
 # ----------------------------------------------------------------------------
+# Sweeps and report: many configurations of one label with one model load, resumable; a
+# leaderboard, Pareto plots, PBx (ParallelBench) and AUP (d3LLM) from the run directories.
+
+SWEEP_RUN_KEYS = {"gen_length": int, "steps": int, "block_length": int, "temperature": float, "top_p": float,
+                  "conf_threshold": float, "kl_threshold": float, "history_length": int, "seed": int}
+_PLUGINS_LOADED = set()
+
+
+def parse_value(text):
+    text = text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sweep(text):
+    """'threshold:alg_threshold=0.5,0.9;factor:alg_factor=1,2,block_length=32,64;klass' ->
+    [(decoder, {key: value}), ...], the cartesian product of each method's listed values.
+    A comma followed by `name=` starts the next key; a method without parameters runs once."""
+    configs = []
+    for part in filter(None, (t.strip() for t in text.split(";"))):
+        name, _, rest = part.partition(":")
+        grid = {}
+        for chunk in filter(str.strip, re.split(r",(?=\s*[A-Za-z_]\w*\s*=)", rest)):
+            key, sep, values = chunk.partition("=")
+            key = key.strip()
+            if not sep or not key or not values.strip():
+                raise ValueError(f"expected key=v1,v2,... after {name.strip()!r}, got {chunk.strip()!r}")
+            if key in grid:
+                raise ValueError(f"{key!r} is listed twice for {name.strip()!r}")
+            grid[key] = [parse_value(v) for v in values.split(",")]
+        if not name.strip():
+            raise ValueError(f"no decoder name in {part!r}")
+        for combo in itertools.product(*grid.values()):
+            configs.append((name.strip(), dict(zip(grid, combo))))
+    if not configs:
+        raise ValueError("no configuration given")
+    return configs
+
+
+def sweep_run_name(cfg, overrides):
+    """Deterministic run directory name: decoder, the swept values, and a hash of the whole
+    configuration (device and limit excluded, so a larger --limit extends the same runs)."""
+    stable = {k: v for k, v in cfg.items() if k not in ("device", "limit", "decoder_info", "plugins")}
+    digest = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    parts = [cfg["decoder"]] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
+    return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
+
+
+def run_is_done(run_dir, n_samples):
+    path = os.path.join(run_dir, "summary.json")
+    if not os.path.exists(path):
+        return False
+    try:
+        return json.load(open(path))["metrics"]["n_samples"] >= n_samples
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def load_plugins(paths):
+    """Run each Python file once; it registers decoders with `register_method` (importing
+    custom_demask_eval, which is this module also when the harness runs as a script)."""
+    import importlib.util
+    sys.modules.setdefault("custom_demask_eval", sys.modules[__name__])
+    for path in paths or []:
+        path = os.path.abspath(os.path.expanduser(path))
+        if path in _PLUGINS_LOADED:
+            continue
+        if not os.path.isfile(path):
+            fail(f"--plugin {path!r}: no such file")
+        name = "demask_plugin_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # a broken plugin is a usage error, reported before any model loads
+            fail(f"--plugin {path!r} failed: {type(e).__name__}: {e}")
+        _PLUGINS_LOADED.add(path)
+
+
+def prepare_config(cfg, args):
+    """Plugins recorded by a resumed run are loaded again, new ones are recorded, and the decoder
+    is built once without a model so that bad parameter values fail before a model loads."""
+    load_plugins(cfg.get("plugins"))
+    if getattr(args, "plugin", None):
+        cfg["plugins"] = sorted({*cfg.get("plugins", []), *map(os.path.abspath, args.plugin)})
+    if cfg["decoder"] not in DECODERS:
+        fail(f"unknown decoder {cfg['decoder']!r}; known decoders: {', '.join(DECODERS)}")
+    try:
+        build_decoder(cfg["decoder"], 0, cfg, cfg.get("decoder_args") or {})
+    except (ValueError, TypeError) as e:
+        fail(f"decoder {cfg['decoder']!r}: {e}")
+    return cfg
+
+
+def run_sweep(args):
+    """Evaluate every configuration of --sweep on one label with one model load. A configuration
+    whose run directory has a complete summary.json is skipped; one with samples is resumed."""
+    if args.resume:
+        fail("--sweep and --resume do not combine: run the same --sweep command again to resume it")
+    if args.decoder != "default" or args.decoder_args:
+        fail("--sweep names the decoders and their parameters; drop --decoder and --decoder_args")
+    try:
+        grid = parse_sweep(args.sweep)
+    except ValueError as e:
+        fail(f"--sweep: {e}")
+    plan, seen = [], set()
+    for decoder, overrides in grid:
+        sub = argparse.Namespace(**vars(args))
+        sub.decoder, decoder_args = decoder, {}
+        for key, value in overrides.items():
+            if key in SWEEP_RUN_KEYS:
+                try:
+                    setattr(sub, key, SWEEP_RUN_KEYS[key](value))
+                except (TypeError, ValueError):
+                    fail(f"--sweep: {key}={value!r} is not a valid {SWEEP_RUN_KEYS[key].__name__}")
+            else:
+                decoder_args[key] = value
+        sub.decoder_args = ",".join(f"{k}={json.dumps(v)}" for k, v in decoder_args.items())
+        cfg = prepare_config(resolve_config(sub), args)
+        run_dir = os.path.join(args.results_dir, cfg["label"], sweep_run_name(cfg, overrides))
+        if run_dir not in seen:
+            seen.add(run_dir)
+            plan.append((cfg, run_dir))
+    rank, world, device = distributed()
+    task = TASKS[plan[0][0]["task"]]()
+    samples = task.load(plan[0][0])[:plan[0][0]["limit"]]
+    model, results = None, []
+    for i, (cfg, run_dir) in enumerate(plan):
+        if run_is_done(run_dir, len(samples)):
+            if rank == 0:
+                print(f"sweep {i + 1}/{len(plan)}: {run_dir} is complete, skipped", file=sys.stderr)
+            results.append((run_dir, json.load(open(os.path.join(run_dir, "summary.json")))["metrics"]))
+            continue
+        if model is None:
+            model = load_model(cfg["model"], device=device or cfg["device"])
+        if rank == 0:
+            os.makedirs(run_dir, exist_ok=True)
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(cfg, f, indent=2)
+            print(f"sweep {i + 1}/{len(plan)}: run directory {run_dir}", file=sys.stderr)
+        if world > 1:
+            torch.distributed.barrier()
+        metrics = evaluate(cfg, model, task, [dict(s) for s in samples], run_dir, time.time(), rank, world)
+        results.append((run_dir, metrics))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    if rank == 0:
+        for run_dir, metrics in results:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in (metrics or {}).items())
+            print(f"sweep: {os.path.basename(run_dir)} {shown}")
+    return results
+
+
+# --- report ---
+
+ACCURACY_METRICS = ("accuracy", "pass@1")
+TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")
+PB_LEVELS = (90, 80, 70, 60)
+
+
+def collect_runs(results_dir):
+    """Every run directory under results_dir with a readable summary.json."""
+    runs, problems = [], []
+    for root, dirs, files in os.walk(results_dir):
+        dirs.sort()
+        if "summary.json" not in files:
+            continue
+        path = os.path.join(root, "summary.json")
+        try:
+            summary = json.load(open(path))
+            cfg, metrics = summary["config"], summary["metrics"]
+            run = dict(dir=os.path.relpath(root, results_dir), label=summary.get("label") or cfg["label"],
+                       decoder=summary.get("decoder") or cfg["decoder"], cfg=cfg, metrics=metrics,
+                       details=summary.get("details") or {}, mtime=os.path.getmtime(path),
+                       avg_steps=float(metrics["avg_steps"]), n=int(metrics.get("n_samples", 0)))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problems.append(f"{os.path.relpath(path, results_dir)}: {type(e).__name__}: {e}")
+            continue
+        run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
+        run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
+        value = metrics.get(run["metric"])
+        run["score"] = None if value is None else 100.0 * float(value)
+        run["model"] = str(cfg.get("model"))
+        scorer = run["details"].get("scorer") if isinstance(run["details"].get("scorer"), str) else None
+        run["scorer_lm"] = (scorer or cfg.get("scorer")) if run["kind"] == "text" else None
+        run["type"], run["rep_name"], run["rep"] = run_method(run)
+        run["params"] = run_params(run)
+        run["tpf"] = cfg["gen_length"] / run["avg_steps"] if run["avg_steps"] > 0 else None
+        run["tps"] = cfg["gen_length"] / cfg["steps"] if run["type"] == "topk" else run["tpf"]
+        runs.append(run)
+    return runs, problems
+
+
+def constructor_default(cls, name):
+    try:
+        param = inspect.signature(cls.__init__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def run_method(run):
+    """(method type, representative parameter, its value) from the registry, else from the run's record."""
+    cfg, name = run["cfg"], run["decoder"]
+    recorded = cfg.get("decoder_info") or {}
+    info = method_info(name) if name in DECODERS else None
+    kind = info.method_type if info else recorded.get("method_type", "custom")
+    rep = info.representative_param if info else recorded.get("representative_param")
+    args = cfg.get("decoder_args") or {}
+    if rep == "k":
+        value = cfg["gen_length"] / cfg["steps"]
+    elif rep in args:
+        value = args[rep]
+    elif info and rep in info.fixed:
+        value = info.fixed[rep]
+    elif rep in cfg:
+        value = cfg[rep]
+    else:
+        value = constructor_default(info.cls, rep) if info and rep else None
+    if isinstance(value, float) and value.is_integer() and rep == "k":
+        value = int(value)
+    return kind, rep, value
+
+
+def run_params(run):
+    """What distinguishes the run within its label: decoder_args, run settings the method uses that
+    differ from the label's defaults, and a non-default seed."""
+    cfg, name = run["cfg"], run["decoder"]
+    defaults = LABELS.get(run["label"], {})
+    keys = method_config_keys(name) if name in DECODERS else RUN_KEYS
+    params = {k: cfg[k] for k in keys if k in RUN_KEYS and k not in ("model", "task", "data", "scorer")
+              and k in cfg and k in defaults and cfg[k] != defaults[k]}
+    params.update(cfg.get("decoder_args") or {})
+    if cfg.get("seed", 1234) != 1234:
+        params["seed"] = cfg["seed"]
+    return dict(sorted(params.items()))
+
+
+def params_text(params, skip=None):
+    return ", ".join(f"{k}={fmt_param(v)}" for k, v in params.items() if k != skip) or "—"
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def fmt_param(value):
+    return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def pareto_front(points):
+    """Points (steps, score, ...) not dominated by another with fewer or equal steps and a higher or
+    equal score; returned by steps ascending."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def pb_scores(configs):
+    """ParallelBench PBx: configs are (score 0-100, TPS); the largest TPS whose score is >= x."""
+    return {x: max((tps for score, tps in configs if score >= x), default=None) for x in PB_LEVELS}
+
+
+def aup(pairs, y_max, alpha=3.0):
+    """d3LLM's accuracy under parallelism from (rho = tokens per forward, y = accuracy %) pairs.
+    Returns (AUP, flagged); flagged when y_1 - y_last > 5, where d3LLM's code asserts: the value is
+    then computed over the pairs within 5 points of y_1, as the code's filter keeps them."""
+    pairs = sorted(pairs, key=lambda p: (p[0], -p[1]))
+    y1 = pairs[0][1]
+    flagged = y1 - pairs[-1][1] > 5
+    kept = [p for p in pairs if p[1] >= y1 - 5]
+
+    def weighted(y):
+        return y * (1.0 if y_max <= 0 else min(math.exp(-alpha * (1 - y / y_max)), 1.0))
+    total = kept[0][0] * kept[0][1]
+    for (r0, y0), (r1, y1_) in zip(kept, kept[1:]):
+        total += 0.5 * (r1 - r0) * (weighted(y1_) + weighted(y0))
+    return total, flagged
+
+
+def family_order(name):
+    names = list(DECODERS)
+    return (names.index(name) if name in names else len(names), name)
+
+
+def sort_value(value):
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def choose_runs(runs, key):
+    """One run per key: the one with the most samples, then the newest."""
+    cells, counts = {}, {}
+    for run in runs:
+        k = key(run)
+        counts[k] = counts.get(k, 0) + 1
+        if k not in cells or (run["n"], run["mtime"]) > (cells[k]["n"], cells[k]["mtime"]):
+            cells[k] = run
+    return cells, counts
+
+
+def plot_pareto(points, title, ylabel, path):
+    """points: (avg_steps, score, family, text) per configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    families = sorted({p[2] for p in points}, key=family_order)
+    for i, fam in enumerate(families):
+        mine = [p for p in points if p[2] == fam]
+        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=plt.cm.tab20(i % 20),
+                   marker="os^Dv<>"[i // 20 % 7])
+    front = pareto_front(points)
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+    ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors="k")
+    for p in front:
+        ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+    ax.set_xscale("log")
+    ax.set_xlabel("avg_steps (forwards per sample, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def slug(text):
+    return re.sub(r"[^\w.+-]", "_", str(text)).strip("_") or "x"
+
+
+def write_report(results_dir, out=None):
+    """report.md (+ report.csv and pareto_<label>.png) for every summary.json under results_dir."""
+    runs, problems = collect_runs(results_dir)
+    if not runs:
+        fail(f"no run with a readable summary.json under {results_dir!r}")
+    out = out or os.path.join(results_dir, "report.md")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    models = sorted({r["model"] for r in runs})
+    label_models = {}
+    for r in runs:
+        label_models.setdefault(r["label"], set()).add(r["model"])
+    lines = [f"# Decoder report", "",
+             f"{len(runs)} runs read from `{results_dir}`. Rows never mix models or scorer LMs: one section per "
+             "model, text rows keyed by scorer LM too. Per row and label the run with the most samples "
+             "(then the newest) is shown; `runs` counts duplicates.", "",
+             "- acc / pass@1 / mauve in %; steps = avg_steps = model forwards per sample (NFE).",
+             "- tok/step = gen_length / avg_steps. Every generated position counts as decoded, EOS/padding "
+             "after the answer included (ParallelBench's convention), so it overstates useful tokens for "
+             "short answers.",
+             "- PBx (ParallelBench): per configuration TPS = k = gen_length/steps for top-k methods (from the "
+             "config), gen_length/avg_steps otherwise; PBx = the largest TPS with score >= x (— when none).",
+             "- AUP (d3LLM): rho = gen_length/avg_steps, y = accuracy %, alpha = 3, y_max = best accuracy of "
+             "any configuration of the label for that model; `*` = accuracy drops more than 5 points at the "
+             "highest rho (d3LLM's code asserts there); computed over the pairs within 5 points of y_1.", ""]
+    if problems:
+        lines += ["Unreadable summaries (skipped): " + "; ".join(f"`{p}`" for p in problems), ""]
+    csv_rows = []
+    for model in models:
+        mine = [r for r in runs if r["model"] == model]
+        lines += [f"## Model `{model}`", ""]
+        acc_labels = sorted({r["label"] for r in mine if r["kind"] == "accuracy"})
+        text_labels = sorted({r["label"] for r in mine if r["kind"] == "text"})
+
+        def row_key(r, with_scorer=False):
+            return (r["decoder"], json.dumps(r["params"], sort_keys=True, default=str)) + \
+                ((r["scorer_lm"],) if with_scorer else ())
+
+        def row_sort(r):
+            return family_order(r["decoder"]) + (sort_value(r["rep"]), json.dumps(r["params"], default=str))
+
+        for kind, labels in (("accuracy", acc_labels), ("text", text_labels)):
+            if not labels:
+                continue
+            text = kind == "text"
+            cells, counts = choose_runs([r for r in mine if r["kind"] == kind],
+                                        lambda r: (row_key(r, text), r["label"]))
+            rows = {}
+            for (rk, label), run in cells.items():
+                rows.setdefault(rk, run)
+                if row_sort(run) < row_sort(rows[rk]):
+                    rows[rk] = run
+            head = ["decoder", "type", "rep. param", "settings", "scorer"] + (["scorer LM"] if text else [])
+            for label in labels:
+                metric = next((r["metric"] for r in mine if r["label"] == label), "score")
+                shown = ["gen_ppl", "mauve", "entropy", "rep2"] if text else [metric if metric != "accuracy" else "acc"]
+                head += [f"{label} {m}" for m in shown] + [f"{label} steps", f"{label} tok/step", f"{label} n"]
+            head.append("runs")
+            lines += [f"### Leaderboard ({'text labels' if text else 'accuracy labels'})", "",
+                      "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+            for rk, first in sorted(rows.items(), key=lambda kv: row_sort(kv[1])):
+                scorer = method_scorer(first["decoder"], first["cfg"].get("decoder_args")) \
+                    if first["decoder"] in DECODERS else (first["cfg"].get("decoder_info") or {}).get("scorer")
+                cols = [first["decoder"], first["type"], f"{first['rep_name']}={fmt_param(first['rep'])}"
+                        if first["rep_name"] else "—", params_text(first["params"], skip=first["rep_name"]),
+                        fmt_param(scorer)]
+                if text:
+                    cols.append(str(first["scorer_lm"]))
+                n_runs = 0
+                for label in labels:
+                    run = cells.get((rk, label))
+                    n_runs += counts.get((rk, label), 0)
+                    if text:
+                        values = [None if run is None else run["metrics"].get(m) for m in TEXT_METRICS]
+                        values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
+                                  for m, v in zip(TEXT_METRICS, values)]
+                    else:
+                        values = [fmt(None if run is None else run["score"])]
+                    cols += values + ([fmt(run["avg_steps"]), fmt(run["tpf"], 2), str(run["n"])] if run
+                                      else ["—", "—", "—"])
+                cols.append(str(n_runs))
+                lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
+            lines.append("")
+            for label in labels:
+                pts = [r for (rk, lab), r in cells.items() if lab == label and r["score"] is not None and r["avg_steps"] > 0]
+                if not pts:
+                    continue
+                metric = pts[0]["metric"]
+                name = f"pareto_{slug(label)}.png" if len(label_models[label]) == 1 else \
+                    f"pareto_{slug(label)}_{slug(os.path.basename(model.rstrip('/')))}.png"
+                points = [(r["avg_steps"], r["score"], r["decoder"],
+                           f"{r['decoder']} {params_text(r['params'])}" if r["params"] else r["decoder"]) for r in pts]
+                plot_pareto(points, f"{label} ({os.path.basename(model.rstrip('/'))}): {metric} vs avg_steps",
+                            f"{metric} (%)", os.path.join(out_dir, name))
+                front = pareto_front(points)
+                lines += [f"### {label}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
+                          "Front: " + "; ".join(f"{p[3]} ({fmt(p[1])} @ {fmt(p[0])} steps)" for p in front), ""]
+                if kind != "accuracy":
+                    continue
+                y_max = max(r["score"] for r in pts)
+                by_family = {}
+                for r in pts:
+                    by_family.setdefault(r["decoder"], []).append(r)
+                lines += [f"### {label}: PBx and AUP", "",
+                          "| decoder | configs | PB90 | PB80 | PB70 | PB60 | AUP |", "|---|---|---|---|---|---|---|"]
+                for fam in sorted(by_family, key=family_order):
+                    group = by_family[fam]
+                    pb = pb_scores([(r["score"], r["tps"]) for r in group])
+                    value, flagged = aup([(r["tpf"], r["score"]) for r in group], y_max)
+                    lines.append(f"| {fam} | {len(group)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) +
+                                 f" | {value:.2f}{'*' if flagged else ''} |")
+                pb = pb_scores([(r["score"], r["tps"]) for r in pts])
+                lines += [f"| all methods | {len(pts)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " | — |",
+                          "", f"y_max = {y_max:.1f}.", ""]
+            if kind == "accuracy" and len(labels) > 1:
+                complete = [rk for rk in rows if all((rk, label) in cells for label in labels)]
+                configs = [(float(np.mean([cells[(rk, l)]["score"] for l in labels])),
+                            float(np.mean([cells[(rk, l)]["tps"] for l in labels]))) for rk in complete]
+                if configs:
+                    pb = pb_scores(configs)
+                    lines += [f"### All accuracy labels ({', '.join(labels)}): PBx", "",
+                              f"Mean over labels of score and TPS, for the {len(configs)} configurations run on "
+                              "every label.", "", "| PB90 | PB80 | PB70 | PB60 |", "|---|---|---|---|",
+                              "| " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " |", ""]
+        for r in sorted(mine, key=lambda r: (r["label"], row_sort(r), r["dir"])):
+            csv_rows.append(dict(model=model, label=r["label"], decoder=r["decoder"], method_type=r["type"],
+                                 rep_param=r["rep_name"], rep_value=r["rep"], params=json.dumps(r["params"], default=str),
+                                 scorer_lm=r["scorer_lm"], metric=r["metric"], score=r["score"],
+                                 avg_steps=r["avg_steps"], tokens_per_step=r["tpf"], tps=r["tps"], n_samples=r["n"],
+                                 run_dir=r["dir"]))
+    with open(out, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    import csv
+    with open(os.path.splitext(out)[0] + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    print(f"report: {out} ({len(runs)} runs)", file=sys.stderr)
+    return out
+
+
+def report_main(argv):
+    p = argparse.ArgumentParser(prog="custom_demask_eval.py report",
+                                description="Leaderboard, Pareto plots, PBx and AUP from run directories.")
+    p.add_argument("results_dir", help="folder searched recursively for summary.json files")
+    p.add_argument("--out", help="report file (default: RESULTS_DIR/report.md; plots and report.csv beside it)")
+    p.add_argument("--plugin", action="append", default=[], help="plugin files, for their registry entries")
+    args = p.parse_args(argv)
+    if not os.path.isdir(args.results_dir):
+        fail(f"results folder {args.results_dir!r} not found")
+    load_plugins(args.plugin)
+    return write_report(args.results_dir, args.out)
+
+
+# ----------------------------------------------------------------------------
 # Command line
 
 def fail(message):
@@ -1380,6 +1874,11 @@ def parse_args(argv):
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--results_dir", default=os.path.join(REPO, "results"))
     p.add_argument("--resume", help="a run directory to continue")
+    p.add_argument("--sweep", help="many configurations of the label, one model load, resumable: "
+                   "'threshold:alg_threshold=0.7,0.9;factor:alg_factor=1,2,block_length=32,64;klass' "
+                   "(cartesian product per decoder; keys are decoder parameters or run settings such as steps)")
+    p.add_argument("--plugin", action="append", default=[],
+                   help="a Python file that registers decoders with register_method (repeatable)")
     return p.parse_args(argv)
 
 
@@ -1460,9 +1959,35 @@ def shared_run_dir(args, cfg, rank, world):
     return name
 
 
+def evaluate(cfg, model, task, samples, run_dir, started, rank=0, world=1):
+    """Evaluate one resolved configuration with a loaded model (main: once; a sweep: per configuration)."""
+    for s in samples:
+        s["prompt_ids"] = encode_prompt(model, s)
+    decoder = build_decoder(cfg["decoder"], model.mask_id, cfg, cfg["decoder_args"])
+    cfg["decoder_info"] = describe_decoder(cfg["decoder"], decoder, cfg)
+    run_eval(cfg, model, decoder, task, samples, run_dir, rank, world)
+    if world > 1:
+        torch.distributed.barrier()
+    metrics = None
+    if rank == 0:
+        records = merge_samples(run_dir)
+        metrics = summarize(cfg, task, records, run_dir, model, started)
+        for name, value in metrics.items():
+            print(f"{name}_{cfg['label']}: {value:.4f}")
+    if world > 1:
+        torch.distributed.barrier()
+    return metrics
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = parse_args(argv)
-    cfg = resolve_config(args)
+    load_plugins(args.plugin)
+    if args.sweep:
+        return run_sweep(args)
+    cfg = prepare_config(resolve_config(args), args)
     rank, world, device = distributed()
     started = time.time()
     task = TASKS[cfg["task"]]()
@@ -1477,20 +2002,8 @@ def main(argv=None):
         torch.distributed.barrier()
 
     model = load_model(cfg["model"], device=device or cfg["device"])
-    for s in samples:
-        s["prompt_ids"] = encode_prompt(model, s)
-    decoder = build_decoder(cfg["decoder"], model.mask_id, cfg, cfg["decoder_args"])
-    run_eval(cfg, model, decoder, task, samples, run_dir, rank, world)
+    metrics = evaluate(cfg, model, task, samples, run_dir, started, rank, world)
     if world > 1:
-        torch.distributed.barrier()
-    metrics = None
-    if rank == 0:
-        records = merge_samples(run_dir)
-        metrics = summarize(cfg, task, records, run_dir, model, started)
-        for name, value in metrics.items():
-            print(f"{name}_{cfg['label']}: {value:.4f}")
-    if world > 1:
-        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return metrics
 
