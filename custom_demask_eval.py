@@ -1671,18 +1671,23 @@ def plot_pareto(points, title, ylabel, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4.6))
     families = sorted({p[2] for p in points}, key=family_order)
     for i, fam in enumerate(families):
         mine = [p for p in points if p[2] == fam]
-        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=plt.cm.tab20(i % 20),
-                   marker="os^Dv<>"[i // 20 % 7])
+        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=plt.cm.tab10(i % 10),
+                   marker="os^Dv<>P"[i // 10 % 7])
     front = pareto_front(points)
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
     ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors="k")
     for p in front:
         ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
+    ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(ticks)
+    ax.xaxis.set_minor_formatter(ticks)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
     ax.set_xlabel("avg_steps (forwards per sample, log scale)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
@@ -1779,19 +1784,26 @@ def write_report(results_dir, out=None):
                 cols.append(str(n_runs))
                 lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
             lines.append("")
-            for label in labels:
-                pts = [r for (rk, lab), r in cells.items() if lab == label and r["score"] is not None and r["avg_steps"] > 0]
+            for label, scorer_lm in sorted({(lab, r["scorer_lm"]) for (rk, lab), r in cells.items()},
+                                           key=lambda t: (t[0], str(t[1]))):
+                pts = [r for (rk, lab), r in cells.items() if lab == label and r["scorer_lm"] == scorer_lm
+                       and r["score"] is not None and r["avg_steps"] > 0]
                 if not pts:
                     continue
-                metric = pts[0]["metric"]
-                name = f"pareto_{slug(label)}.png" if len(label_models[label]) == 1 else \
-                    f"pareto_{slug(label)}_{slug(os.path.basename(model.rstrip('/')))}.png"
+                metric, short_model = pts[0]["metric"], os.path.basename(model.rstrip("/"))
+                name = f"pareto_{slug(label)}"
+                if len(label_models[label]) > 1:
+                    name += f"_{slug(short_model)}"
+                if len({r["scorer_lm"] for r in mine if r["label"] == label}) > 1:
+                    name += f"_{slug(scorer_lm)}"
+                name += ".png"
                 points = [(r["avg_steps"], r["score"], r["decoder"],
                            f"{r['decoder']} {params_text(r['params'])}" if r["params"] else r["decoder"]) for r in pts]
-                plot_pareto(points, f"{label} ({os.path.basename(model.rstrip('/'))}): {metric} vs avg_steps",
-                            f"{metric} (%)", os.path.join(out_dir, name))
+                scored = f", scorer {scorer_lm}" if scorer_lm else ""
+                plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
+                            os.path.join(out_dir, name))
                 front = pareto_front(points)
-                lines += [f"### {label}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
+                lines += [f"### {label}{scored}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
                           "Front: " + "; ".join(f"{p[3]} ({fmt(p[1])} @ {fmt(p[0])} steps)" for p in front), ""]
                 if kind != "accuracy":
                     continue
