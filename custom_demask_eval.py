@@ -1536,20 +1536,20 @@ def collect_runs(results_dir):
                        decoder=summary.get("decoder") or cfg["decoder"], cfg=cfg, metrics=metrics,
                        details=summary.get("details") or {}, mtime=os.path.getmtime(path),
                        avg_steps=float(metrics["avg_steps"]), n=int(metrics.get("n_samples", 0)))
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
+            run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
+            value = metrics.get(run["metric"])
+            run["score"] = None if value is None else 100.0 * float(value)
+            run["model"] = str(cfg.get("model"))
+            scorer = run["details"].get("scorer") if isinstance(run["details"].get("scorer"), str) else None
+            run["scorer_lm"] = (scorer or cfg.get("scorer")) if run["kind"] == "text" else None
+            run["type"], run["rep_name"], run["rep"] = run_method(run)
+            run["params"] = run_params(run)
+            run["tpf"] = cfg["gen_length"] / run["avg_steps"] if run["avg_steps"] > 0 else None
+            run["tps"] = cfg["gen_length"] / cfg["steps"] if run["type"] == "topk" else run["tpf"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
             problems.append(f"{os.path.relpath(path, results_dir)}: {type(e).__name__}: {e}")
             continue
-        run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
-        run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
-        value = metrics.get(run["metric"])
-        run["score"] = None if value is None else 100.0 * float(value)
-        run["model"] = str(cfg.get("model"))
-        scorer = run["details"].get("scorer") if isinstance(run["details"].get("scorer"), str) else None
-        run["scorer_lm"] = (scorer or cfg.get("scorer")) if run["kind"] == "text" else None
-        run["type"], run["rep_name"], run["rep"] = run_method(run)
-        run["params"] = run_params(run)
-        run["tpf"] = cfg["gen_length"] / run["avg_steps"] if run["avg_steps"] > 0 else None
-        run["tps"] = cfg["gen_length"] / cfg["steps"] if run["type"] == "topk" else run["tpf"]
         runs.append(run)
     return runs, problems
 
