@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import warnings
+from functools import partial
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -45,6 +46,14 @@ def add_gumbel_noise(logits, temperature):
     logits = logits.to(torch.float64)
     noise = (-torch.log(torch.rand_like(logits))) ** temperature
     return logits.exp() / noise
+
+
+def choosable(logits, model):
+    """Logits for token choice only: the mask id and the padded logit columns beyond the
+    tokenizer (models.md section 4.3) can never be committed. Scores keep the full width."""
+    allowed = torch.arange(logits.shape[-1], device=logits.device) < getattr(model, "n_tokens", logits.shape[-1])
+    allowed[model.mask_id] = False
+    return logits.masked_fill(~allowed, -torch.inf)
 
 
 # --- EDITABLE REGION START ---
@@ -87,7 +96,7 @@ class DemaskDecoder:
 
             logits = model(x).logits[:, P:]
             p = F.softmax(logits.to(torch.float64), dim=-1)
-            tokens = torch.argmax(add_gumbel_noise(logits, self.temperature), dim=-1)
+            tokens = torch.argmax(add_gumbel_noise(choosable(logits, model), self.temperature), dim=-1)
             conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
             kl = (p * (torch.log(p + 1e-12) - torch.log(p_prev + 1e-12))).sum(-1)
             history = torch.cat([history[..., 1:], kl[..., None]], dim=-1)
@@ -113,18 +122,21 @@ class DemaskDecoder:
 # Reference decoders: every row of a batch works on its own earliest block that still has
 # masks, so a row's forward count does not depend on the other rows of its batch.
 
-def propose_tokens(logits, temperature, top_p, family):
+def propose_tokens(logits, temperature, top_p, family, model=None):
     """Token choice of decoders.md section 0. Returns (tokens, clean float64 probs, confidence).
+    With `model`, ids that can never be committed are excluded from the choice (`choosable`).
 
     LLaDA style: Gumbel-max on the logits, confidence = clean probability of the token.
     Dream style (sample_tokens): temperature, then top-p, then sample or argmax; confidence =
     probability of the drawn token under that adjusted distribution.
     """
     p = F.softmax(logits.to(torch.float64), dim=-1)
+    if model is not None:
+        logits = choosable(logits, model)
     if family != "dream":
         tokens = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
         return tokens, p, torch.gather(p, -1, tokens[..., None]).squeeze(-1)
-    q = F.softmax(logits.to(torch.float64) / max(temperature, 1e-8), dim=-1) if temperature > 0 else p
+    q = F.softmax(logits.to(torch.float64) / max(temperature, 1e-8) if temperature > 0 else logits.to(torch.float64), dim=-1)
     if top_p is not None and top_p < 1:
         sorted_q, order = torch.sort(q, dim=-1, descending=True)
         drop = sorted_q.cumsum(-1) - sorted_q > top_p
@@ -205,7 +217,7 @@ class BlockDecoder:
     def decode(self, model, input_ids, gen_length, steps, block_length):
         B, P = input_ids.shape
         device = model.device
-        self.family = getattr(model, "family", "llada")
+        self.family, self.model = getattr(model, "family", "llada"), model
         x = F.pad(input_ids.to(device), (0, gen_length), value=self.mask_id)
         steps_per_block = steps // (gen_length // block_length)
         self.gen_length, self.steps, self.block_length, self.steps_per_block = \
@@ -236,8 +248,6 @@ class BlockDecoder:
             k = torch.minimum(k.clamp(min=1), candidates.sum(1))
 
             logits = model(x, query_idx=P + query).logits
-            if self.mask_id < logits.shape[-1]:  # a proposed mask token would commit nothing (and could loop)
-                logits[..., self.mask_id] = -torch.inf
             commit, tokens = self.select(logits, candidates, k, step)
             gen = x[:, P:]
             gen.scatter_(1, query, torch.where(commit, tokens, gen.gather(1, query)))
@@ -264,7 +274,7 @@ class TopKDecoder(BlockDecoder):
         return score
 
     def select(self, logits, candidates, k, step):
-        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         return top_k_commit(self.rank(p, tokens, conf), candidates, k), tokens
 
 
@@ -290,7 +300,7 @@ class KlassDecoder(BlockDecoder):
 
     def select(self, logits, candidates, k, step):
         dream = (self.variant if self.variant != "auto" else self.family) == "dream"
-        drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         tokens = p.argmax(-1) if dream else drawn
         conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
         kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
@@ -320,7 +330,7 @@ class ThresholdDecoder(BlockDecoder):
         self.alg_threshold = float(alg_threshold)
 
     def select(self, logits, candidates, k, step):
-        tokens, p, _ = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, _ = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         conf = clean_confidence(p, tokens)
         best = top_k_commit(conf, candidates, torch.ones_like(k))
         return best | (candidates & (conf >= self.alg_threshold)), tokens
@@ -336,7 +346,7 @@ class FactorDecoder(BlockDecoder):
         self.alg_factor = float(alg_factor)
 
     def select(self, logits, candidates, k, step):
-        tokens, p, _ = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, _ = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         conf = clean_confidence(p, tokens)
         ranked = torch.where(candidates, conf, -torch.inf).sort(dim=1, descending=True, stable=True).values
         r = torch.arange(1, ranked.shape[1] + 1, device=ranked.device, dtype=torch.float64)
@@ -395,7 +405,7 @@ class PyramidalDecoder(BlockDecoder):
         self.window_steps = pyramidal_steps(self.block_length, self.factor, self.steps_rule)["formula_steps"]
 
     def select(self, logits, candidates, k, step):
-        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         left = candidates.sum(1)
         want = torch.where(step >= self.window_steps - 1, left, torch.div(step, self.factor, rounding_mode="floor") + 1)
         return top_k_commit(SCORERS[self.score](p, tokens, conf), candidates, torch.minimum(want, left)), tokens
@@ -417,7 +427,7 @@ class EBSamplerDecoder(BlockDecoder):
         return dict(gamma=self.gamma, gamma_unit=self.gamma_unit, proxy=self.proxy)
 
     def select(self, logits, candidates, k, step):
-        tokens, p, _ = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, _ = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         entropy = -torch.special.xlogy(p, p).sum(-1)
         if self.gamma_unit == "bits":
             entropy = entropy / math.log(2)
@@ -472,7 +482,7 @@ class DUSDecoder(BlockDecoder):
         self.level_of = level_of.to(device)
 
     def select(self, logits, candidates, k, step):
-        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         due = candidates & (self.level_of[None] <= step[:, None])
         spare = top_k_commit(conf, candidates, torch.ones_like(k))
         return torch.where(due.any(1, keepdim=True), due, spare), tokens
@@ -513,7 +523,7 @@ class ProphetDecoder(BlockDecoder):
             self.region[self.answer_start:self.answer_start + self.answer_length] = True
 
     def select(self, logits, candidates, k, step):
-        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         active = candidates.any(1)
         self.forwards += active.long()
         top2 = logits.to(torch.float64).topk(2, dim=-1).values
@@ -555,7 +565,7 @@ class RemdmDecoder(BlockDecoder):
         self.psi = torch.zeros(batch_size, self.block_length, dtype=torch.float64, device=device)
 
     def select(self, logits, candidates, k, step):
-        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family)
+        tokens, p, conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         commit = top_k_commit(SCORERS[self.score](p, tokens, conf), candidates, k)
         active = candidates.any(1, keepdim=True)
         decoded = active & ~candidates  # window tokens committed at earlier steps
@@ -863,6 +873,46 @@ def forward_logits(net, x, positions, key_mask, query_idx):
     return head(norm(h))
 
 
+class GraphedForward:
+    """CUDA-graph replay of forward_logits, one graph per input shape (the `keep` most recent).
+
+    Within a batch the shapes stay fixed for hundreds of forwards, so a capture (two forwards)
+    pays off at once, and replay removes the kernel-launch gaps that a per-step host sync
+    otherwise leaves on the GPU. All graphs share one memory pool; a graph's output buffer is
+    only valid until the next replay, so it is returned as a fresh fp32 copy.
+    """
+
+    def __init__(self, net, keep=4):
+        self.net, self.keep, self.graphs, self.pool = net, keep, {}, None
+
+    def __call__(self, *inputs):
+        key = tuple(None if t is None else tuple(t.shape) for t in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(inputs)
+            if len(self.graphs) > self.keep:
+                del self.graphs[next(iter(self.graphs))]
+        graph, static, out = self.graphs.pop(key)
+        self.graphs[key] = graph, static, out  # most recent last
+        for buffer, value in zip(static, inputs):
+            if buffer is not None:
+                buffer.copy_(value)
+        graph.replay()
+        return out.float() if out.dtype != torch.float32 else out.clone()
+
+    def capture(self, inputs):
+        static = [None if t is None else t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            forward_logits(self.net, *static)  # warm-up outside the graph
+        torch.cuda.current_stream().wait_stream(side)
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = forward_logits(self.net, *static)
+        return graph, static, out
+
+
 MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}
 
 
@@ -889,8 +939,10 @@ class DiffusionLM:
         named = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")] if tokenizer else []
         self.stop_ids = sorted({i for i in [eos, self.pad_id, *named] if isinstance(i, int) and i != tokenizer_unk(tokenizer)})
         self.vocab_size = net.parts()[3].out_features
+        self.n_tokens = len(tokenizer) if tokenizer else self.vocab_size
         self.nfe = torch.zeros(0, dtype=torch.long)
         self.prompt_mask, self.observer = None, None
+        self.forward = GraphedForward(net) if device.type == "cuda" else partial(forward_logits, net)
 
     def start_batch(self, prompt_mask, observer=None):
         """prompt_mask [B, P] bool (False = left padding); observer(x) sees every forward's input."""
@@ -922,16 +974,17 @@ class DiffusionLM:
         if query_idx is None:
             query_idx = torch.arange(T, device=self.device).expand(B, T)
         live = (x == self.mask_id).any(1)
-        if not bool(live.any()):
+        n_live = int(live.sum())
+        if n_live == 0:
             live = torch.ones_like(live)
         self.count(B, live)
         key_mask = None if mask is None else mask[:, None, None, :]
-        if bool(live.all()):
-            logits = forward_logits(self.net, x, positions, key_mask, query_idx).float()
+        if n_live in (0, B):
+            logits = self.forward(x, positions, key_mask, query_idx).float()
         else:
             logits = torch.zeros(B, query_idx.shape[1], self.vocab_size, device=self.device)
-            logits[live] = forward_logits(self.net, x[live], positions[live],
-                                          None if key_mask is None else key_mask[live], query_idx[live]).float()
+            logits[live] = self.forward(x[live], positions[live], None if key_mask is None else key_mask[live],
+                                        query_idx[live]).float()
         return SimpleNamespace(logits=logits)
 
     def count(self, rows, live):

@@ -18,6 +18,8 @@ import random
 import sys
 import time
 
+from functools import partial
+
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,12 +79,43 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(model, batch, args):
+def run(model, batch, args, decoder=None):
     ids, mask = cde.left_pad(batch, model.pad_id)
     model.start_batch(mask)
-    decoder = cde.TopKDecoder(model.mask_id, score="confidence")
-    decoder.decode(model, ids, args.gen_length, args.steps, args.block_length)
+    decoder = decoder or cde.TopKDecoder(model.mask_id, score="confidence")
+    x, _ = decoder.decode(model, ids, args.gen_length, args.steps, args.block_length)
     return int(model.nfe.sum())
+
+
+def invariance(model, family, n, batch_size, args):
+    """Greedy KLASS (llada-math thresholds) on n prompts alone and in left-padded batches:
+    the fraction of identical generations and the per-row forward counts."""
+    decoder = cde.DemaskDecoder(model.mask_id, conf_threshold=0.6, kl_threshold=0.01)
+    samples = sorted(prompts(model, family, n, 1), key=len)
+
+    def decode(batch):
+        ids, mask = cde.left_pad(batch, model.pad_id)
+        model.start_batch(mask)
+        x, _ = decoder.decode(model, ids, args.gen_length, args.steps, args.block_length)
+        return x[:, -args.gen_length:].tolist(), model.nfe.tolist()
+    alone = [decode([p]) for p in samples]
+    together = [decode(samples[i:i + batch_size]) for i in range(0, n, batch_size)]
+    gens = [g for out in together for g in out[0]]
+    steps = [s for out in together for s in out[1]]
+    same = sum(g == a[0][0] for g, a in zip(gens, alone)) / n
+    print(f"{family} bf16 batch invariance: {100 * same:.0f}% of {n} generations identical at B=1 vs B={batch_size}; "
+          f"avg_steps {sum(a[1][0] for a in alone) / n:.2f} vs {sum(steps) / n:.2f}", flush=True)
+    return dict(model=family, identical_fraction=same, n=n, batch=batch_size)
+
+
+def graph_error(model, family):
+    """Max |logit| difference between CUDA-graph replay and the eager forward."""
+    x = torch.tensor(prompts(model, family, 2, 2)[0][:100], device=model.device)[None]
+    captured, replayed = model(x).logits, model(x).logits
+    graphed, model.forward = model.forward, partial(cde.forward_logits, model.net)
+    eager = model(x).logits
+    model.forward = graphed
+    return max((captured - eager).abs().max().item(), (replayed - eager).abs().max().item())
 
 
 def bench(model, family, batch_size, args):
@@ -114,12 +147,20 @@ def main():
     p.add_argument("--gen_length", type=int, default=256)
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--block_length", type=int, default=64)
+    p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for shape in ([None] if args.model_path else args.shapes.split(",")):
         model = build(shape, args.model_path, args.device)
+        if args.device.startswith("cuda"):
+            print(f"{model.family}: CUDA graph vs eager max |diff| of logits: {graph_error(model, model.family)}")
+        if args.eager or not args.device.startswith("cuda"):
+            model.forward = partial(cde.forward_logits, model.net)
+        if args.invariance:
+            rows.append(invariance(model, model.family, args.invariance, 8, args))
         for b in map(int, args.batch_sizes.split(",")):
             rows.append(bench(model, model.family, b, args))
             r = rows[-1]
@@ -130,7 +171,8 @@ def main():
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    env = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", torch=torch.__version__)
+    rows = [r for r in rows if "ms_per_forward" in r] + [r for r in rows if "ms_per_forward" not in r]
+    env = dict(eager=args.eager, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", torch=torch.__version__)
     print(json.dumps(env))
     if args.json:
         json.dump(dict(env=env, rows=rows), open(args.json, "w"), indent=2)

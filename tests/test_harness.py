@@ -182,3 +182,25 @@ def test_resume_after_interruption_gives_same_summary(tmp_path, tiny_llada):
     records = [json.loads(l) for l in open(run / "samples.jsonl")]
     assert sorted(r["id"] for r in records) == sorted(json.loads(l)["id"] for l in lines)
     assert json.load(open(run / "summary.json"))["metrics"] == full
+
+
+def test_text_label_end_to_end(tmp_path, tiny_dream):
+    out = run_cli(tmp_path, "--label", "dream-text", "--model_path", tiny_dream, "--limit", "10", "--batch_size", "5",
+                  "--gen_length", "16", "--steps", "32", "--block_length", "16", "--scorer", "smollm2-135m")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^TRAIN_METRICS: text 10/10 avg_steps=16\.0 rep2=\d\.\d{3}$", out.stdout, re.M)
+    for name in ("gen_ppl", "mauve", "entropy", "rep2", "avg_steps", "n_samples"):
+        assert re.search(rf"^{name}_dream-text: \d+\.\d{{4}}$", out.stdout, re.M), name
+    (run,) = run_dirs(tmp_path, "dream-text")
+    summary = json.load(open(run / "summary.json"))
+    assert summary["details"]["scorer"] == "smollm2-135m" and len(summary["details"]["mauve_per_seed"]) == 5
+    records = [json.loads(l) for l in open(run / "samples.jsonl")]
+    assert all(r["prompt"] and "reference" in r for r in records)
+
+
+def test_script_wrapper_honours_model_path_and_limit(tmp_path, tiny_llada):
+    env = dict(os.environ, MODEL_PATH=tiny_llada, LIMIT="2")
+    out = subprocess.run(["bash", os.path.join(REPO, "scripts", "llada_math.sh"), "--results_dir", str(tmp_path),
+                          *SMALL], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "n_samples_llada-math: 2.0000" in out.stdout
