@@ -113,18 +113,24 @@ def test_report_from_fixture_results(tmp_path):
 
     tiny, other = report.split("## Model `other/model`")
     assert "## Model `models/tiny-llada`" in tiny
+    board, text_board = section(tiny, "### Leaderboard (accuracy labels)"), section(tiny, "### Leaderboard (text labels)")
     # leaderboard: tiny-code columns first (labels sorted), then tiny-math
-    assert table_row(tiny, ["confidence_greedy", "topk", "k=1"])[5:] == \
+    assert table_row(board, ["confidence_greedy", "topk", "k=1"])[5:] == \
         ["80.0", "64.0", "1.00", "200", "95.0", "64.0", "1.00", "200", "2"]
-    assert table_row(tiny, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == \
+    assert table_row(board, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == \
         ["70.0", "32.0", "2.00", "200", "93.0", "32.0", "2.00", "200", "2"]
     # the 200-sample run wins over the older 50-sample one of the same configuration
-    assert table_row(tiny, ["threshold", "threshold", "alg_threshold=0.9"])[9:] == ["92.0", "20.0", "3.20", "200", "3"]
-    assert table_row(other, ["confidence_greedy", "topk", "k=1"])[5:] == ["50.0", "64.0", "1.00", "200", "1"]
-    # text rows keyed by scorer LM
-    assert table_row(tiny, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "gpt2-large"])[6:] == \
+    assert table_row(board, ["threshold", "threshold", "alg_threshold=0.9"])[9:] == ["92.0", "20.0", "3.20", "200", "3"]
+    assert table_row(section(other, "### Leaderboard (accuracy labels)"), ["confidence_greedy", "topk", "k=1"])[5:] == \
+        ["50.0", "64.0", "1.00", "200", "1"]
+    # text rows keyed by scorer LM; the scorer actually used (details, after a fallback) wins
+    assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "gpt2-large"])[6:] == \
         ["25.10", "45.00", "5.00", "0.110", "30.0", "1.60", "200", "1"]
-    assert table_row(tiny, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "smollm2-135m"])[6] == "30.50"
+    assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "smollm2-135m"])[6] == "30.50"
+    assert table_row(text_board, ["threshold", "threshold", "alg_threshold=0.9"])[5:8] == ["smollm2-135m", "40.00", "30.00"]
+    assert "Front: threshold alg_threshold=0.9 (30.0 @ 12.0 steps); klass (42.0 @ 30.0 steps)" in \
+        section(tiny, "### tiny-text, scorer smollm2-135m: Pareto front")
+    assert "Front: klass (45.0 @ 30.0 steps)" in section(tiny, "### tiny-text, scorer gpt2-large: Pareto front")
 
     # PBx (TPS = k for top-k, G/NFE otherwise) and AUP (alpha 3, y_max 96), checked by hand
     math_pb = section(tiny, "### tiny-math: PBx and AUP")
@@ -143,7 +149,7 @@ def test_report_from_fixture_results(tmp_path):
            "confidence_greedy steps=32 (93.0 @ 32.0 steps); klass (96.0 @ 40.0 steps)" in tiny
 
     csv_lines = (results / "report.csv").read_text().splitlines()
-    assert len(csv_lines) == 1 + 14 and csv_lines[0].startswith("model,label,decoder,method_type")
+    assert len(csv_lines) == 1 + 15 and csv_lines[0].startswith("model,label,decoder,method_type")
 
 
 def test_report_needs_runs(tmp_path):
