@@ -301,7 +301,7 @@ class KlassDecoder(BlockDecoder):
     def select(self, logits, candidates, k, step):
         dream = (self.variant if self.variant != "auto" else self.family) == "dream"
         drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
-        tokens = p.argmax(-1) if dream else drawn
+        tokens = choosable(logits, self.model).argmax(-1) if dream else drawn  # greedy among committable ids
         conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
         kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
         self.history = torch.cat([self.history[..., 1:], kl[..., None]], dim=-1)

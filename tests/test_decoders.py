@@ -321,7 +321,7 @@ def test_every_decoder_end_to_end_batch_of_3_with_left_padding(tiny, name, args)
     assert counted == [a[1][0] for a in alone]
 
 
-@pytest.mark.parametrize("name", ["threshold", "eb_sampler", "remdm"])
+@pytest.mark.parametrize("name", ["threshold", "eb_sampler", "remdm", "klass"])
 def test_dream_style_token_choice(tiny_dream, name):
     model = cde.load_model(tiny_dream, device="cpu")
     cfg = dict(gen_length=8, steps=8, block_length=8, temperature=0.5, top_p=0.9)
