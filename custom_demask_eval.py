@@ -1067,10 +1067,10 @@ LABELS.update({f"dream-{s}step": dict(TEXT_RUN, model=DREAM_ID, steps=s) for s i
 TINY = os.path.join(REPO, "models", "tiny-llada")
 TINY_RUN = dict(model=TINY, gen_length=64, steps=64, block_length=32, temperature=0.0, top_p=None,
                 conf_threshold=0.9, kl_threshold=0.01, history_length=2, batch_size=16)
-LABELS["tiny-math"] = dict(TINY_RUN, task="math", data="data/tiny_math_test.jsonl", limit=200)
-LABELS["tiny-code"] = dict(TINY_RUN, task="humaneval", data="data/tiny_code_test.jsonl", limit=200)
+LABELS["tiny-math"] = dict(TINY_RUN, task="math", data="data/tiny_math_test.jsonl", limit=100)
+LABELS["tiny-code"] = dict(TINY_RUN, task="humaneval", data="data/tiny_code_test.jsonl", limit=100)
 LABELS["tiny-text"] = dict(TEXT_RUN, model=TINY, data="data/tiny_text_test.jsonl", gen_length=48, steps=48,
-                           block_length=24, scorer="smollm2-135m", batch_size=16, limit=200)
+                           block_length=24, scorer="smollm2-135m", batch_size=16, limit=100)
 RUN_KEYS = ["model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
             "conf_threshold", "kl_threshold", "history_length", "scorer"]
 
@@ -1934,7 +1934,8 @@ def parse_args(argv):
                        ("top_p", float), ("conf_threshold", float), ("kl_threshold", float), ("history_length", int)]:
         p.add_argument(f"--{name}", type=kind, help="override the label's value")
     p.add_argument("--scorer", help="text labels: scorer LM (gpt2-large, a local path, or smollm2-135m)")
-    p.add_argument("--batch_size", type=int, help="samples decoded together (default: the label's, else 1)")
+    p.add_argument("--batch_size", type=int, help="samples decoded together (default: the label's; else 8 on a "
+                                                  "GPU for reference decoders, 1 otherwise)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--results_dir", default=os.path.join(REPO, "results"))
@@ -1966,6 +1967,13 @@ def check_model_path(path):
         fail(f"model path {path!r} not found (give a local folder or a hub id such as {LLADA_ID})")
 
 
+def default_batch_size(decoder, device):
+    """8 on a GPU for the reference decoders (per-row blocks, exact counts); the editable decoder
+    keeps the original harness's batch 1, since code written for it may assume one row."""
+    gpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return 8 if gpu and decoder != "default" else 1
+
+
 def resolve_config(args):
     """The fully resolved run configuration; every problem is reported before a model loads."""
     if args.resume:
@@ -1983,7 +1991,8 @@ def resolve_config(args):
     if args.model_path:
         cfg["model"] = args.model_path
     cfg.update(decoder_args=parse_decoder_args(args.decoder_args), seed=args.seed, device=args.device,
-               limit=args.limit or cfg.get("limit"), batch_size=args.batch_size or cfg.get("batch_size", 1))
+               limit=args.limit or cfg.get("limit"), batch_size=args.batch_size or cfg.get("batch_size")
+               or default_batch_size(args.decoder, args.device))
     G, L, S = cfg["gen_length"], cfg["block_length"], cfg["steps"]
     if min(G, L, S, cfg["batch_size"]) <= 0:
         fail("gen_length, block_length, steps and batch_size must be positive")

@@ -105,7 +105,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--d_model", type=int, default=128)
-    p.add_argument("--n_layers", type=int, default=6)
+    p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument("--seed", type=int, default=0)
