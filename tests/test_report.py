@@ -1,0 +1,158 @@
+"""Sweeps through the CLI (one model load, resume, skip) and the report from a fixture results folder."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import custom_demask_eval as cde
+from conftest import REPO
+
+FIXTURE = os.path.join(REPO, "tests", "fixtures", "report_results")
+SMALL = ["--label", "llada-math", "--limit", "2", "--batch_size", "2", "--gen_length", "4", "--block_length", "4"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_parse_sweep():
+    got = cde.parse_sweep("threshold:alg_threshold=0.5,0.9;factor:alg_factor=1,2,block_length=32,64; klass")
+    assert got == [("threshold", {"alg_threshold": 0.5}), ("threshold", {"alg_threshold": 0.9}),
+                   ("factor", {"alg_factor": 1, "block_length": 32}), ("factor", {"alg_factor": 1, "block_length": 64}),
+                   ("factor", {"alg_factor": 2, "block_length": 32}), ("factor", {"alg_factor": 2, "block_length": 64}),
+                   ("klass", {})]
+    assert cde.parse_sweep("remdm:sigma=cap,conf") == [("remdm", {"sigma": "cap"}), ("remdm", {"sigma": "conf"})]
+    for bad in ("", "threshold:alg_threshold", "threshold:a=1,a=2", ":a=1"):
+        with pytest.raises(ValueError):
+            cde.parse_sweep(bad)
+
+
+def test_sweep_via_cli_writes_one_run_dir_per_config_and_resumes(tmp_path, tiny_llada, monkeypatch, capsys):
+    sweep = "confidence_greedy:steps=4,2"
+    out = subprocess.run([sys.executable, os.path.join(REPO, "custom_demask_eval.py"), *SMALL, "--model_path",
+                          tiny_llada, "--results_dir", str(tmp_path), "--sweep", sweep], capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stderr
+    runs = sorted((tmp_path / "llada-math").iterdir())
+    assert [r.name.split("-")[:2] for r in runs] == [["confidence_greedy", "steps=2"], ["confidence_greedy", "steps=4"]]
+    steps = {json.load(open(r / "summary.json"))["config"]["steps"]: json.load(open(r / "summary.json"))["metrics"]
+             for r in runs}
+    assert steps[4]["avg_steps"] == 4.0 and steps[2]["avg_steps"] == 2.0 and steps[4]["n_samples"] == 2
+    assert out.stdout.count("sweep: confidence_greedy-") == 2
+
+    # a rerun skips both without loading the model
+    monkeypatch.setattr(cde, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    args = [*SMALL, "--model_path", tiny_llada, "--results_dir", str(tmp_path), "--sweep", sweep]
+    results = cde.main(args)
+    assert [m["avg_steps"] for _, m in results] == [4.0, 2.0]
+    assert capsys.readouterr().err.count("is complete, skipped") == 2
+    monkeypatch.undo()
+
+    # an interrupted configuration (one sample written, no summary) is resumed in its directory
+    run = [r for r in runs if "steps=4" in r.name][0]
+    lines = open(run / "samples.jsonl").readlines()
+    with open(run / "samples.jsonl", "w") as f:
+        f.write(lines[0])
+    os.remove(run / "summary.json")
+    results = cde.main(args)
+    assert sorted((tmp_path / "llada-math").iterdir()) == runs
+    assert len(open(run / "samples.jsonl").readlines()) == 2
+    assert json.load(open(run / "summary.json"))["metrics"] == steps[4]
+
+
+def test_sweep_rejects_bad_configs_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cde, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    for sweep, message in [("threshold:bogus=1", "no parameter(s) ['bogus']"), ("nope", "unknown decoder 'nope'"),
+                           ("confidence_greedy:steps=3", "not divisible"), ("threshold:alg_threshold", "--sweep")]:
+        with pytest.raises(SystemExit) as exit_info:
+            cde.main(["--label", "llada-math", "--sweep", sweep])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_pbx_and_aup_definitions():
+    assert cde.pb_scores([(95, 1), (93, 2), (85, 4)]) == {90: 2, 80: 4, 70: 4, 60: 4}
+    assert cde.pb_scores([(40, 2)]) == {90: None, 80: None, 70: None, 60: None}
+    value, flagged = cde.aup([(5, 88), (3.2, 92)], y_max=96)
+    w = lambda y: min(math.exp(-3 * (1 - y / 96)), 1)
+    assert not flagged and value == pytest.approx(3.2 * 92 + 0.5 * 1.8 * (92 * w(92) + 88 * w(88)))
+    value, flagged = cde.aup([(1, 95), (2, 93), (4, 85)], y_max=96)  # 85 < 95 - 5: dropped, flagged
+    assert flagged and value == pytest.approx(95 + 0.5 * (95 * w(95) + 93 * w(93)))
+    assert cde.pareto_front([(10, 50, "a"), (5, 40, "b"), (20, 50, "c"), (30, 60, "d")]) == \
+        [(5, 40, "b"), (10, 50, "a"), (30, 60, "d")]
+
+
+def table_row(report, first_cells):
+    rows = [l for l in report.splitlines() if l.startswith("| " + " | ".join(first_cells) + " |")]
+    assert len(rows) == 1, (first_cells, rows)
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def section(report, title):
+    return report.split(title, 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+
+
+def test_report_from_fixture_results(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    os.utime(results / "tiny-math" / "thr-0.9-partial" / "summary.json", (0, 0))
+    cde.main(["report", str(results)])
+    report = (results / "report.md").read_text()
+    for png in ("pareto_tiny-code.png", "pareto_tiny-math_tiny-llada.png", "pareto_tiny-math_model.png",
+                "pareto_tiny-text_gpt2-large.png", "pareto_tiny-text_smollm2-135m.png"):
+        assert (results / png).stat().st_size > 1000 and f"({png})" in report
+    assert "tiny-text/broken/summary.json" in report  # reported, skipped
+
+    tiny, other = report.split("## Model `other/model`")
+    assert "## Model `models/tiny-llada`" in tiny
+    board, text_board = section(tiny, "### Leaderboard (accuracy labels)"), section(tiny, "### Leaderboard (text labels)")
+    # leaderboard: tiny-code columns first (labels sorted), then tiny-math
+    assert table_row(board, ["confidence_greedy", "topk", "k=1"])[5:] == \
+        ["80.0", "64.0", "1.00", "200", "95.0", "64.0", "1.00", "200", "2"]
+    assert table_row(board, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == \
+        ["70.0", "32.0", "2.00", "200", "93.0", "32.0", "2.00", "200", "2"]
+    # the 200-sample run wins over the older 50-sample one of the same configuration
+    assert table_row(board, ["threshold", "threshold", "alg_threshold=0.9"])[9:] == ["92.0", "20.0", "3.20", "200", "3"]
+    assert table_row(section(other, "### Leaderboard (accuracy labels)"), ["confidence_greedy", "topk", "k=1"])[5:] == \
+        ["50.0", "64.0", "1.00", "200", "1"]
+    # text rows keyed by scorer LM; the scorer actually used (details, after a fallback) wins
+    assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "gpt2-large"])[6:] == \
+        ["25.10", "45.00", "5.00", "0.110", "30.0", "1.60", "200", "1"]
+    assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "smollm2-135m"])[6] == "30.50"
+    assert table_row(text_board, ["threshold", "threshold", "alg_threshold=0.9"])[5:8] == ["smollm2-135m", "40.00", "30.00"]
+    assert "Front: threshold alg_threshold=0.9 (30.0 @ 12.0 steps); klass (42.0 @ 30.0 steps)" in \
+        section(tiny, "### tiny-text, scorer smollm2-135m: Pareto front")
+    assert "Front: klass (45.0 @ 30.0 steps)" in section(tiny, "### tiny-text, scorer gpt2-large: Pareto front")
+
+    # PBx (TPS = k for top-k, G/NFE otherwise) and AUP (alpha 3, y_max 96), checked by hand
+    math_pb = section(tiny, "### tiny-math: PBx and AUP")
+    assert table_row(math_pb, ["confidence_greedy"]) == ["confidence_greedy", "3", "2.00", "4.00", "4.00", "4.00", "183.38*"]
+    assert table_row(math_pb, ["threshold"]) == ["threshold", "2", "3.20", "5.00", "5.00", "5.00", "429.15"]
+    assert table_row(math_pb, ["klass"]) == ["klass", "1", "1.60", "1.60", "1.60", "1.60", "153.60"]
+    assert table_row(math_pb, ["random"]) == ["random", "1", "—", "—", "—", "—", "80.00"]
+    assert table_row(math_pb, ["all methods"]) == ["all methods", "7", "3.20", "5.00", "5.00", "5.00", "—"]
+    code_pb = section(tiny, "### tiny-code: PBx and AUP")
+    assert table_row(code_pb, ["confidence_greedy"]) == ["confidence_greedy", "2", "—", "1.00", "2.00", "2.00", "80.00*"]
+    assert table_row(code_pb, ["threshold"]) == ["threshold", "1", "—", "—", "4.00", "4.00", "300.00"]
+    # over both labels: (87.5, 1), (81.5, 2), (83.5, 3.6) for the configurations run on both
+    both = section(tiny, "### All accuracy labels (tiny-code, tiny-math): PBx")
+    assert "| — | 3.60 | 3.60 | 3.60 |" in both
+    assert "Front: threshold alg_threshold=0.7 (88.0 @ 12.8 steps); threshold alg_threshold=0.9 (92.0 @ 20.0 steps); " \
+           "confidence_greedy steps=32 (93.0 @ 32.0 steps); klass (96.0 @ 40.0 steps)" in tiny
+
+    csv_lines = (results / "report.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 15 and csv_lines[0].startswith("model,label,decoder,method_type")
+
+
+def test_report_needs_runs(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cde.main(["report", str(tmp_path)])
+    assert exit_info.value.code == 2
