@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -139,7 +138,7 @@ def smollm2_path() -> str:
 
 
 TEXT_GEN = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05}
-TEXT_MAX_TOKENS_TEST = 80    # the first N_TEXT_TEST documents become test records (need 64 tokens)
+TEXT_MAX_TOKENS_TEST = 80    # shorter budget for the first N_TEXT_TEST docs (mostly test records)
 TEXT_MAX_TOKENS_TRAIN = 100
 TEXT_BUDGET_S = None         # optional wall-clock budget (s); None = generate all N_TEXT_DOCS
 
@@ -163,8 +162,8 @@ def generate_text_raw(path: Path, n_docs: int = N_TEXT_DOCS, budget_s: float | N
     Rows are appended to ``path`` + '.partial' as they are produced; generation stops after
     ``n_docs`` documents or when the wall-clock budget is spent, whichever comes first, and
     the partial file is then renamed to ``path``. A rerun with a partial file resumes it.
-    Documents 0..N_TEXT_TEST-1 are the test documents, so a faster machine only adds
-    training documents and never changes the test set.
+    The test records are drawn from the first TEXT_TEST_POOL documents, so generating more
+    documents (a faster machine, a larger --text-docs) only adds training documents.
     """
     import llama_cpp
 
@@ -845,22 +844,31 @@ def make_code_split(n: int, seed: int, n_asserts: int, exclude_keys: set[str] = 
 # Text records from the raw SmolLM2 generations
 # ---------------------------------------------------------------------------
 
-TEXT_TEST_MIN_WORDS = 55   # a test document needs >= 64 tokens (16 prefix + 48 reference)
+TEXT_TEST_POOL = 260   # the first documents (generation order) from which test records are drawn
 
 
 def split_text_docs(raw_rows):
-    """Tokenizer-independent split: the first N_TEXT_TEST documents (in generation order)
-    with at least TEXT_TEST_MIN_WORDS words are test documents, all others are training
-    documents. Generation order is a seeded shuffle of the prompt list."""
-    test, train = [], []
-    for r in raw_rows:
-        if len(test) < N_TEXT_TEST and len(r["text"].split()) >= TEXT_TEST_MIN_WORDS:
+    """The first TEXT_TEST_POOL documents in generation order (a seeded shuffle of the prompt
+    list) form the test pool; they are kept out of the tokenizer's training corpus. The rest
+    are training documents."""
+    if len(raw_rows) < TEXT_TEST_POOL + 50:
+        raise SystemExit(f"only {len(raw_rows)} SmolLM2 documents; generate more")
+    return raw_rows[:TEXT_TEST_POOL], raw_rows[TEXT_TEST_POOL:]
+
+
+def pick_text_test_docs(pool, tok):
+    """The first N_TEXT_TEST pool documents long enough for a prefix and a reference become
+    test documents; the other pool documents go to training."""
+    need = TEXT_PREFIX_TOKENS + TEXT_REF_TOKENS + 1
+    test, spare = [], []
+    for r in pool:
+        if len(test) < N_TEXT_TEST and len(tok.encode(r["text"]).ids) >= need:
             test.append(r)
         else:
-            train.append(r)
+            spare.append(r)
     if len(test) < N_TEXT_TEST:
-        raise SystemExit(f"only {len(test)} usable text test documents; generate more")
-    return train, test
+        raise SystemExit(f"only {len(test)} usable text test documents in the pool")
+    return test, spare
 
 
 def _word_cut(tokens, target, lo):
@@ -908,7 +916,7 @@ MODEL_MAX_LENGTH = 1024
 TOKENIZER_MATH_DOCS = 20_000  # fixed subsets, so that resizing a train set keeps the tokenizer
 TOKENIZER_CODE_DOCS = 8_000
 TEXT_TOKENIZER_WEIGHT = 20   # repeat the (small) text set so English gets its share of merges
-PROMPT_TOKENIZER_WEIGHT = 50  # system prompts and role names, seen in every chat input
+PROMPT_TOKENIZER_WEIGHT = 2000  # system prompts and role names: part of every chat input
 
 # Same structure as LLaDA-8B-Instruct's template (models.md section 2.4): BOS once (in front of
 # the first message), one header block per message with trimmed content, and the assistant
@@ -1109,12 +1117,14 @@ def main(argv=None):
     code_train, code_test = build_code()
 
     raw = read_jsonl(raw_path)
-    train_docs, test_docs = split_text_docs(raw)
+    pool, train_docs = split_text_docs(raw)
 
     tok = train_tokenizer(tokenizer_corpus(math_train, code_train, train_docs))
     ids = save_tokenizer(tok, TOK_DIR)
     print(f"[tokenizer] saved to {TOK_DIR.relative_to(ROOT)}: {ids}")
 
+    test_docs, spare = pick_text_test_docs(pool, tok)
+    train_docs = spare + train_docs
     text_test = make_text_test_records(test_docs, tok)
     prefixes = [r["prefix"] for r in text_test]
     n_before = len(train_docs)

@@ -150,7 +150,8 @@ def test_text_records(text, tok):
         n_pre = len(tok(r["prefix"], add_special_tokens=False)["input_ids"])
         n_ref = len(tok(r["reference"], add_special_tokens=False)["input_ids"])
         assert 12 <= n_pre <= 16 and 40 <= n_ref <= 48, (r["id"], n_pre, n_ref)
-        assert r["reference"][:1].isspace()
+    # cuts are moved to word starts where one is near (a few long words leave no choice)
+    assert sum(r["reference"][:1].isspace() for r in tte) >= 0.95 * len(tte)
     assert all(r["text"].strip() for r in ttr)
 
 
