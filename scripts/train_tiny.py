@@ -38,7 +38,7 @@ def model_config(special, args):
                 d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_heads,
                 mlp_hidden_size=args.mlp, vocab_size=vocab, embedding_size=vocab, max_sequence_length=512,
                 include_bias=False, include_qkv_bias=False, weight_tying=False, scale_logits=False,
-                mask_token_id=special["mask"], eos_token_id=special["eos"], pad_token_id=special["eos"],
+                mask_token_id=special["mask_token_id"], eos_token_id=special["eos_token_id"], pad_token_id=special["eos_token_id"],
                 use_cache=False)
 
 
@@ -49,7 +49,7 @@ def answer_ids(tokenizer, text, length, eot, eos):
 
 def build_examples(tokenizer, special):
     """(prompt ids, answer ids) pairs of all three tasks."""
-    eot, eos, bos = special["eot"], special["eos"], special["bos"]
+    eot, eos, bos = special["eot_token_id"], special["eos_token_id"], special["bos_token_id"]
     examples = []
     for r in cde.read_jsonl(os.path.join(ROOT, "data", "tiny_math_train.jsonl")):
         prompt = cde.encode_chat(tokenizer, [{"role": "system", "content": cde.MATH_SYSTEM},
@@ -130,7 +130,7 @@ def main():
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = make_batch(random.sample(examples, args.batch_size), special["eos"], args.device)
+        batch = make_batch(random.sample(examples, args.batch_size), special["eos_token_id"], args.device)
         with autocast:
             loss = diffusion_loss(net, *batch, config["mask_token_id"])
         opt.zero_grad(set_to_none=True)
