@@ -19,7 +19,6 @@ import re
 import subprocess
 import sys
 import time
-import warnings
 from functools import partial
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -1766,7 +1765,7 @@ def write_report(results_dir, out=None):
     label_models = {}
     for r in runs:
         label_models.setdefault(r["label"], set()).add(r["model"])
-    lines = [f"# Decoder report", "",
+    lines = ["# Decoder report", "",
              f"{len(runs)} runs read from `{results_dir}`. Rows never mix models or scorer LMs: one section per "
              "model, text rows keyed by scorer LM too. Per row and label the run with the most samples "
              "(then the newest) is shown; `runs` counts duplicates.", "",

@@ -15,15 +15,6 @@ from conftest import REPO
 V, MASK = 8, 7  # scripted vocabulary: tokens 0..6, mask id 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~100x faster with one intra-op thread on a shared, oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Scripted:
     """A model whose logits are chosen by the test: script(call, x, query_idx) -> [B, Q, V]."""
     device, family, mask_id = torch.device("cpu"), "llada", MASK

@@ -7,21 +7,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import custom_demask_eval as cde
 from conftest import REPO
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "report_results")
 SMALL = ["--label", "llada-math", "--limit", "2", "--batch_size", "2", "--gen_length", "4", "--block_length", "4"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_parse_sweep():
