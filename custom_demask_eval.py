@@ -121,6 +121,11 @@ class DemaskDecoder:
 # Reference decoders: every row of a batch works on its own earliest block that still has
 # masks, so a row's forward count does not depend on the other rows of its batch.
 
+def clean_confidence(p, tokens):
+    """Probability of each proposed token under the clean float64 distribution."""
+    return torch.gather(p, -1, tokens[..., None]).squeeze(-1)
+
+
 def propose_tokens(logits, temperature, top_p, family, model=None):
     """Token choice of decoders.md section 0. Returns (tokens, clean float64 probs, confidence).
     With `model`, ids that can never be committed are excluded from the choice (`choosable`).
@@ -134,7 +139,7 @@ def propose_tokens(logits, temperature, top_p, family, model=None):
         logits = choosable(logits, model)
     if family != "dream":
         tokens = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
-        return tokens, p, torch.gather(p, -1, tokens[..., None]).squeeze(-1)
+        return tokens, p, clean_confidence(p, tokens)
     q = F.softmax(logits.to(torch.float64) / max(temperature, 1e-8) if temperature > 0 else logits.to(torch.float64), dim=-1)
     if top_p is not None and top_p < 1:
         sorted_q, order = torch.sort(q, dim=-1, descending=True)
@@ -154,11 +159,6 @@ def top_k_commit(score, candidates, k):
     order = torch.argsort(score, dim=1, descending=True, stable=True)
     rank = torch.argsort(order, dim=1)
     return candidates & (rank < k[:, None])
-
-
-def clean_confidence(p, tokens):
-    """Probability of each proposed token under the clean float64 distribution."""
-    return torch.gather(p, -1, tokens[..., None]).squeeze(-1)
 
 
 # Confidence scorers shared by the decoders (decoders.md sections 1 and 12): f(p, tokens, conf) -> [B, Q]
@@ -301,7 +301,7 @@ class KlassDecoder(BlockDecoder):
         dream = (self.variant if self.variant != "auto" else self.family) == "dream"
         drawn, p, drawn_conf = propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
         tokens = choosable(logits, self.model).argmax(-1) if dream else drawn  # greedy among committable ids
-        conf = torch.gather(p, -1, tokens[..., None]).squeeze(-1)
+        conf = clean_confidence(p, tokens)
         kl = (p * (torch.log(p + 1e-12) - torch.log(self.p_prev + 1e-12))).sum(-1)
         self.history = torch.cat([self.history[..., 1:], kl[..., None]], dim=-1)
         self.p_prev = p
@@ -1548,14 +1548,8 @@ def run_sweep(args):
             continue
         if model is None:
             model = load_model(cfg["model"], device=device or cfg["device"])
-        if rank == 0:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(cfg, f, indent=2)
-            print(f"sweep {i + 1}/{len(plan)}: run directory {run_dir}", file=sys.stderr)
-        if world > 1:
-            torch.distributed.barrier()
-        metrics = evaluate(cfg, model, task, [dict(s) for s in samples], run_dir, time.time(), rank, world)
+        open_run_dir(run_dir, cfg, rank, world, f"sweep {i + 1}/{len(plan)}: run directory {run_dir}")
+        metrics = evaluate(cfg, model, task, samples, run_dir, time.time(), rank, world)
         results.append((run_dir, metrics))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -1953,10 +1947,7 @@ def parse_decoder_args(text):
         if "=" not in item:
             fail(f"--decoder_args expects key=value, got {item!r}")
         key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = parse_value(value)
     return out
 
 
@@ -2032,10 +2023,22 @@ def shared_run_dir(args, cfg, rank, world):
     return name
 
 
+def open_run_dir(run_dir, cfg, rank, world, message):
+    """Rank 0 creates the run directory and writes config.json before the model is used."""
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        print(message, file=sys.stderr)
+    if world > 1:
+        torch.distributed.barrier()
+
+
 def evaluate(cfg, model, task, samples, run_dir, started, rank=0, world=1):
     """Evaluate one resolved configuration with a loaded model (main: once; a sweep: per configuration)."""
     for s in samples:
-        s["prompt_ids"] = encode_prompt(model, s)
+        if "prompt_ids" not in s:
+            s["prompt_ids"] = encode_prompt(model, s)
     decoder = build_decoder(cfg["decoder"], model.mask_id, cfg, cfg["decoder_args"])
     cfg["decoder_info"] = describe_decoder(cfg["decoder"], decoder, cfg)
     run_eval(cfg, model, decoder, task, samples, run_dir, rank, world)
@@ -2066,13 +2069,7 @@ def main(argv=None):
     task = TASKS[cfg["task"]]()
     samples = task.load(cfg)[:cfg["limit"]]
     run_dir = shared_run_dir(args, cfg, rank, world)
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
-        print(f"run directory: {run_dir}" + (f" ({world} processes)" if world > 1 else ""), file=sys.stderr)
-    if world > 1:
-        torch.distributed.barrier()
+    open_run_dir(run_dir, cfg, rank, world, f"run directory: {run_dir}" + (f" ({world} processes)" if world > 1 else ""))
 
     model = load_model(cfg["model"], device=device or cfg["device"])
     metrics = evaluate(cfg, model, task, samples, run_dir, started, rank, world)
