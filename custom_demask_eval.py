@@ -860,9 +860,11 @@ class Dream(nn.Module):
         return self.model.embed_tokens, self.model.layers, self.model.norm, self.lm_head
 
 
-def forward_logits(net, x, positions, key_mask, query_idx):
-    """Logits [B, Q, V] aligned so that row j predicts token query_idx[:, j] (Dream's shift inside)."""
-    embed, blocks, norm, head = net.parts()
+def forward_logits(net, x, positions, key_mask, query_idx, blocks=None):
+    """Logits [B, Q, V] aligned so that row j predicts token query_idx[:, j] (Dream's shift inside).
+    `blocks`: callables that replace the net's blocks (compiled ones)."""
+    embed, net_blocks, norm, head = net.parts()
+    blocks = blocks or net_blocks
     rope = rotary_tables(positions, net.head_dim, net.theta)
     h = embed(x)
     for block in blocks:
@@ -873,7 +875,7 @@ def forward_logits(net, x, positions, key_mask, query_idx):
 
 
 class GraphedForward:
-    """CUDA-graph replay of forward_logits, one graph per input shape (the `keep` most recent).
+    """CUDA-graph replay of a forward function, one graph per input shape (the `keep` most recent).
 
     Within a batch the shapes stay fixed for hundreds of forwards, so a capture (two forwards)
     pays off at once, and replay removes the kernel-launch gaps that a per-step host sync
@@ -881,8 +883,8 @@ class GraphedForward:
     only valid until the next replay, so it is returned as a fresh fp32 copy.
     """
 
-    def __init__(self, net, keep=4):
-        self.net, self.keep, self.graphs, self.pool = net, keep, {}, None
+    def __init__(self, forward, keep=4):
+        self.forward, self.keep, self.graphs, self.pool = forward, keep, {}, None
 
     def __call__(self, *inputs):
         key = tuple(None if t is None else tuple(t.shape) for t in inputs)
@@ -903,13 +905,20 @@ class GraphedForward:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            forward_logits(self.net, *static)  # warm-up outside the graph
+            self.forward(*static)  # warm-up (and compilation) outside the graph
         torch.cuda.current_stream().wait_stream(side)
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = forward_logits(self.net, *static)
+            out = self.forward(*static)
         return graph, static, out
+
+
+def fast_forward(net):
+    """The GPU forward: blocks compiled once for all layers and shapes (RMSNorm, RoPE and SwiGLU
+    become fused kernels around the matmuls and SDPA), replayed as CUDA graphs per shape."""
+    blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
+    return GraphedForward(partial(forward_logits, net, blocks=blocks))
 
 
 MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}
@@ -941,7 +950,7 @@ class DiffusionLM:
         self.n_tokens = len(tokenizer) if tokenizer else self.vocab_size
         self.nfe = torch.zeros(0, dtype=torch.long)
         self.prompt_mask, self.observer = None, None
-        self.forward = GraphedForward(net) if device.type == "cuda" else partial(forward_logits, net)
+        self.forward = fast_forward(net) if device.type == "cuda" else partial(forward_logits, net)
 
     def start_batch(self, prompt_mask, observer=None):
         """prompt_mask [B, P] bool (False = left padding); observer(x) sees every forward's input."""

@@ -5,11 +5,15 @@
 
 Random-weight models of the real LLaDA-8B / Dream-7B shapes are built on the device (no
 download). Prompts have the token lengths of the real MATH-500 prompts
-(data/math500_prompt_lengths.json) and random ids. The decoder is confidence_greedy with
-gen 256, steps 256, block 64, so every sample costs exactly 256 forwards. Reported per batch
-size: ms per forward call, sample-forwards per second, achieved TFLOP/s and its fraction of
+(data/math500_prompt_lengths.json) and random ids, batched as a full run batches them (sorted
+by length); --samples batches per batch size are taken at spread length quantiles. The decoder
+is confidence_greedy with gen 256, steps 256, block 64, so every sample costs exactly 256
+forwards. Reported per batch size: ms per forward call, sample-forwards per second, achieved
+useful TFLOP/s (each row at its own length: left padding is not counted) and its fraction of
 the bf16 planning bound (790 TFLOP/s, ../shared/docs/models.md section 7), and the projected
-minutes for the 500-sample label.
+minutes for the 500-sample label. On CUDA the forward is the harness's (compiled blocks, CUDA
+graphs) unless --eager. --profile adds a kernel-time breakdown; --invariance N the B=1 vs B=8
+agreement of greedy KLASS generations.
 """
 import argparse
 import json
@@ -37,14 +41,22 @@ CONFIGS = {  # the real checkpoints' config.json values that matter for the forw
 
 
 class CountingLM(cde.DiffusionLM):
-    """DiffusionLM that also counts forward calls and their FLOPs (2 per multiply-add)."""
+    """DiffusionLM that also counts forward calls and their FLOPs (2 per multiply-add): `flops` is
+    the useful work (each live row at its own length, as if alone), `padded_flops` what the kernels
+    compute (left padding included), `attention_flops` the padded attention part."""
+
+    def flops_at(self, T, Q):
+        return 2 * self.linear_params * T + 4 * T * T * self.width * self.layers + 2 * self.width * self.vocab_size * Q
 
     def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
-        live = int((x == self.mask_id).any(1).sum())
+        live = (x == self.mask_id).any(1)
         T, Q = x.shape[1], x.shape[1] if query_idx is None else query_idx.shape[1]
+        mask = self.key_mask(x, attention_mask)
+        lengths = [T] * int(live.sum()) if mask is None else mask[live.to(mask.device)].sum(1).tolist()
         self.calls += 1
-        self.flops += live * (2 * self.linear_params * T + 4 * T * T * self.width * self.layers
-                              + 2 * self.width * self.vocab_size * Q)
+        self.flops += sum(self.flops_at(n, Q) for n in lengths)
+        self.padded_flops += len(lengths) * self.flops_at(T, Q)
+        self.attention_flops += len(lengths) * 4 * T * T * self.width * self.layers
         return super().__call__(x, attention_mask, query_idx, positions)
 
 
@@ -63,15 +75,31 @@ def build(shape, model_path, device):
     embed, blocks, _, head = net.parts()
     model.linear_params = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
     model.width, model.layers = embed.weight.shape[1], len(blocks)
-    model.calls, model.flops = 0, 0
+    model.calls, model.flops, model.padded_flops, model.attention_flops = 0, 0, 0, 0
     return model
 
 
-def prompts(model, family, n, seed):
-    lengths = json.load(open(os.path.join(cde.REPO, "data", "math500_prompt_lengths.json")))[family]
+def prompt_lengths(family):
+    return json.load(open(os.path.join(cde.REPO, "data", "math500_prompt_lengths.json")))[family]
+
+
+def random_prompts(model, lengths, seed):
     rng = random.Random(seed)
-    picked = rng.sample(lengths, n)
-    return [[rng.randrange(min(model.mask_id, model.pad_id)) for _ in range(length)] for length in picked]
+    ordinary = [i for i in range(min(model.n_tokens, 50_000)) if i not in (model.mask_id, model.pad_id)]
+    return [[rng.choice(ordinary) for _ in range(n)] for n in lengths]
+
+
+def prompts(model, family, n, seed):
+    """n prompts with lengths drawn from the real ones."""
+    return random_prompts(model, random.Random(seed).sample(prompt_lengths(family), n), seed)
+
+
+def label_batches(model, family, batch_size, n_batches):
+    """n_batches of the batches a full run makes (prompts sorted by length, then cut into batches,
+    as run_eval does), taken at evenly spaced quantiles of the prompt length."""
+    lengths = sorted(prompt_lengths(family))
+    groups = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return [random_prompts(model, groups[int((j + 0.5) * len(groups) / n_batches)], j) for j in range(n_batches)]
 
 
 def sync(device):
@@ -103,13 +131,17 @@ def invariance(model, family, n, batch_size, args):
     gens = [g for out in together for g in out[0]]
     steps = [s for out in together for s in out[1]]
     same = sum(g == a[0][0] for g, a in zip(gens, alone)) / n
-    print(f"{family} bf16 batch invariance: {100 * same:.0f}% of {n} generations identical at B=1 vs B={batch_size}; "
-          f"avg_steps {sum(a[1][0] for a in alone) / n:.2f} vs {sum(steps) / n:.2f}", flush=True)
-    return dict(model=family, identical_fraction=same, n=n, batch=batch_size)
+    tokens = sum(t == u for g, a in zip(gens, alone) for t, u in zip(g, a[0][0])) / (n * args.gen_length)
+    steps_alone, steps_together = sum(a[1][0] for a in alone) / n, sum(steps) / n
+    print(f"{family} {str(model.dtype).split('.')[-1]} batch invariance: {100 * same:.0f}% of {n} generations "
+          f"identical at B=1 vs B={min(batch_size, n)} ({100 * tokens:.1f}% of tokens); "
+          f"avg_steps {steps_alone:.2f} vs {steps_together:.2f}", flush=True)
+    return dict(model=family, dtype=str(model.dtype), identical_fraction=same, identical_tokens=tokens, n=n,
+                batch=min(batch_size, n), avg_steps_alone=steps_alone, avg_steps_batched=steps_together)
 
 
 def graph_error(model, family):
-    """Max |logit| difference between CUDA-graph replay and the eager forward."""
+    """Max |logit| difference between the fast forward (compiled blocks, CUDA-graph replay) and eager."""
     x = torch.tensor(prompts(model, family, 2, 2)[0][:100], device=model.device)[None]
     captured, replayed = model(x).logits, model(x).logits
     graphed, model.forward = model.forward, partial(cde.forward_logits, model.net)
@@ -118,12 +150,56 @@ def graph_error(model, family):
     return max((captured - eager).abs().max().item(), (replayed - eager).abs().max().item())
 
 
+KERNEL_KINDS = [("attention", ("flash", "fmha", "attention")), ("matmul", ("gemm", "nvjet", "cutlass", "xmma")),
+                ("fused elementwise (compiled)", ("triton",))]
+
+
+def kernel_kind(name):
+    name = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in name for k in keys)), "other")
+
+
+def profile(model, family, batch_size, args):
+    """GPU kernel time of a batched decode (16 forwards) by kind, without graph replay so that
+    every kernel is seen; the matmuls' own TFLOP/s is the ceiling for the bound fraction."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    (batch,) = label_batches(model, family, batch_size, 1)
+    short = argparse.Namespace(**{**vars(args), "steps": 16})
+    forward = model.forward
+    model.forward = getattr(forward, "forward", forward)
+    run(model, batch, short)  # compile outside the profile
+    model.calls, model.flops, model.padded_flops, model.attention_flops = 0, 0, 0, 0
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run(model, batch, short)
+        sync(args.device)
+        seconds = time.perf_counter() - start
+    model.forward = forward
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0) + e.device_time_total / 1e6
+    by_kind = {}
+    for name, t in kernels.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0) + t
+    busy = sum(by_kind.values())
+    matmul_flops = model.padded_flops - model.attention_flops
+    print(f"{family} B={batch_size} profile: {1000 * seconds / model.calls:.1f} ms per forward, GPU busy "
+          f"{1000 * busy / model.calls:.1f} ms; " + ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in by_kind.items())
+          + f"; matmuls run at {matmul_flops / by_kind.get('matmul', 1e-9) / 1e12:.0f} TFLOP/s", flush=True)
+    for name, t in sorted(kernels.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {1000 * t / model.calls:8.2f} ms/forward  {kernel_kind(name):10.10s} {name[:100]}")
+    return dict(model=family, batch=batch_size, profile_ms_per_forward=1000 * seconds / model.calls,
+                busy_ms_per_forward=1000 * busy / model.calls, kernel_share={k: v / busy for k, v in by_kind.items()},
+                matmul_tflops=matmul_flops / by_kind.get("matmul", 1e-9) / 1e12)
+
+
 def bench(model, family, batch_size, args):
-    samples = sorted(prompts(model, family, args.samples * batch_size if batch_size > 1 else args.samples, 0), key=len)
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    run(model, batches[0][:batch_size], argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16,
+    batches = label_batches(model, family, batch_size, args.samples)
+    run(model, batches[0], argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16,
                                                               "block_length": 16}))  # warm-up
-    model.calls, model.flops, sample_forwards = 0, 0, 0
+    model.calls, model.flops, model.padded_flops, model.attention_flops, sample_forwards = 0, 0, 0, 0, 0
     sync(args.device)
     start = time.perf_counter()
     for batch in batches:
@@ -131,8 +207,9 @@ def bench(model, family, batch_size, args):
     sync(args.device)
     seconds = time.perf_counter() - start
     rate = sample_forwards / seconds
-    return dict(model=family, batch=batch_size, samples=len(samples), ms_per_forward=1000 * seconds / model.calls,
+    return dict(model=family, batch=batch_size, samples=sum(map(len, batches)), ms_per_forward=1000 * seconds / model.calls,
                 sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
+                padding_share=1 - model.flops / model.padded_flops,
                 bound_fraction=model.flops / seconds / PEAK,
                 projected_minutes=500 * args.steps / rate / 60)
 
@@ -143,20 +220,23 @@ def main():
     p.add_argument("--model_path", help="benchmark this real model instead of random-weight shapes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch_sizes", default="1,16")
-    p.add_argument("--samples", type=int, default=4, help="batches per batch size (samples at batch 1)")
+    p.add_argument("--samples", type=int, default=4, help="batches per batch size (spread over the length quantiles)")
     p.add_argument("--gen_length", type=int, default=256)
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--block_length", type=int, default=64)
-    p.add_argument("--eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--eager", action="store_true", help="plain eager forward (no compiled blocks, no CUDA graphs)")
+    p.add_argument("--profile", action="store_true", help="also profile the largest batch size's kernels")
     p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
+    if args.profile and not args.device.startswith("cuda"):
+        p.error("--profile measures GPU kernels: use it with a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for shape in ([None] if args.model_path else args.shapes.split(",")):
         model = build(shape, args.model_path, args.device)
-        if args.device.startswith("cuda"):
-            print(f"{model.family}: CUDA graph vs eager max |diff| of logits: {graph_error(model, model.family)}")
+        if args.device.startswith("cuda") and not args.eager:
+            print(f"{model.family}: fast vs eager forward max |diff| of logits: {graph_error(model, model.family)}")
         if args.eager or not args.device.startswith("cuda"):
             model.forward = partial(cde.forward_logits, model.net)
         if args.invariance:
@@ -168,10 +248,12 @@ def main():
                   f"{r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
                   f"({100 * r['bound_fraction']:.0f}% of bound)  projected {r['projected_minutes']:.1f} min / 500 samples",
                   flush=True)
+        if args.profile:
+            rows.append(profile(model, model.family, max(map(int, args.batch_sizes.split(","))), args))
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    rows = [r for r in rows if "ms_per_forward" in r] + [r for r in rows if "ms_per_forward" not in r]
+    rows = [r for r in rows if "ms_per_forward" in r] + [r for r in rows if "ms_per_forward" not in r]  # table first
     env = dict(eager=args.eager, device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu", torch=torch.__version__)
     print(json.dumps(env))
     if args.json:

@@ -1,20 +1,24 @@
 """Train the bundled tiny LLaDA (models/tiny-llada) with the masked-diffusion SFT objective.
 
-    python scripts/train_tiny.py --device cuda --minutes 6        # what produced the shipped weights
-    python scripts/train_tiny.py --device cpu --steps 200         # a smoke run
+    python scripts/train_tiny.py --device cuda --minutes 8        # what produced the shipped weights
+    python scripts/train_tiny.py --device cpu --steps 50 --math_problems 0 --out /tmp/tiny   # smoke run
 
-Data: data/tiny_{math,code,text}_train.jsonl (scripts/make_tiny_data.py); tokenizer:
-models/tiny-llada. Objective (LLaDA SFT): the answer region (response, <|eot_id|>, then
+Data: data/tiny_{math,code,text}_train.jsonl (scripts/make_tiny_data.py), plus fresh math
+problems from the same generator (seed MATH_EXTRA_SEED, test problems and stored ones
+excluded) up to --math_problems in total; tokenizer: models/tiny-llada. Each batch mixes the
+tasks by TASK_SHARE. Objective (LLaDA SFT): the answer region (response, <|eot_id|>, then
 <|endoftext|> padding up to the task's generation length) is masked with probability
 t ~ U(eps, 1] per example; cross-entropy on the masked positions, weighted by 1/t and
 normalised by the answer length. Prompts are left-padded and key-masked exactly as at
-evaluation time.
+evaluation time. All examples live on the device as one left-padded tensor, so a step
+launches no host work; on CUDA the step is compiled with torch.compile.
 """
 import argparse
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 
@@ -23,11 +27,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
+import make_tiny_data  # noqa: E402
 
 ROOT = cde.REPO
 OUT = os.path.join(ROOT, "models", "tiny-llada")
 GEN_LENGTH = {"math": 64, "code": 64, "text": 48}
+TASK_SHARE = {"math": 0.7, "code": 0.22, "text": 0.08}
 TEXT_PREFIX = (8, 24)
+TEXT_CUTS = 8
+MATH_EXTRA_SEED = 7707
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "special_ids.json")
 
 
 def model_config(special, args):
@@ -42,72 +51,100 @@ def model_config(special, args):
                 use_cache=False)
 
 
-def answer_ids(tokenizer, text, length, eot, eos):
-    ids = tokenizer(text, add_special_tokens=False).input_ids + [eot]
-    return ids + [eos] * (length - len(ids)) if len(ids) <= length else None
+def math_problems(n):
+    """The stored training problems, topped up with fresh ones (never a test or stored problem)."""
+    stored = cde.read_jsonl(os.path.join(ROOT, "data", "tiny_math_train.jsonl"))
+    test = cde.read_jsonl(os.path.join(ROOT, "data", "tiny_math_test.jsonl"))
+    if n <= len(stored):
+        return stored[:n]
+    exclude = {r["problem"] for r in stored + test}
+    return stored + make_tiny_data.make_math_split(n - len(stored), MATH_EXTRA_SEED, exclude=exclude)
 
 
-def build_examples(tokenizer, special):
-    """(prompt ids, answer ids) pairs of all three tasks."""
-    eot, eos, bos = special["eot_token_id"], special["eos_token_id"], special["bos_token_id"]
-    examples = []
-    for r in cde.read_jsonl(os.path.join(ROOT, "data", "tiny_math_train.jsonl")):
-        prompt = cde.encode_chat(tokenizer, [{"role": "system", "content": cde.MATH_SYSTEM},
-                                             {"role": "user", "content": r["problem"]}])
-        examples.append((prompt, answer_ids(tokenizer, r["solution"], GEN_LENGTH["math"], eot, eos)))
-    for r in cde.read_jsonl(os.path.join(ROOT, "data", "tiny_code_train.jsonl")):
-        prompt = cde.encode_chat(tokenizer, [{"role": "system", "content": cde.CODE_SYSTEM},
-                                             {"role": "user", "content": r["prompt"]}])
-        examples.append((prompt, answer_ids(tokenizer, r["completion"], GEN_LENGTH["code"], eot, eos)))
+def chat_prompts(tokenizer, system, users):
+    texts = [tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": u}],
+                                           tokenize=False, add_generation_prompt=True) for u in users]
+    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def answers(tokenizer, texts, length, special):
+    """Response ids + <|eot_id|>, padded with <|endoftext|> to the generation length (None if too long)."""
+    out = []
+    for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
+        ids = e.ids + [special["eot_token_id"]]
+        out.append(ids + [special["eos_token_id"]] * (length - len(ids)) if len(ids) <= length else None)
+    return out
+
+
+def build_examples(tokenizer, special, n_math):
+    """{task: [(prompt ids, answer ids)]} for the three tasks."""
+    maths = math_problems(n_math)
+    codes = cde.read_jsonl(os.path.join(ROOT, "data", "tiny_code_train.jsonl"))
+    examples = {
+        "math": list(zip(chat_prompts(tokenizer, cde.MATH_SYSTEM, [r["problem"] for r in maths]),
+                         answers(tokenizer, [r["solution"] for r in maths], GEN_LENGTH["math"], special))),
+        "code": list(zip(chat_prompts(tokenizer, cde.CODE_SYSTEM, [r["prompt"] for r in codes]),
+                         answers(tokenizer, [r["completion"] for r in codes], GEN_LENGTH["code"], special))),
+        "text": []}
     rng = random.Random(0)
     for r in cde.read_jsonl(os.path.join(ROOT, "data", "tiny_text_train.jsonl")):
         ids = tokenizer(r["text"], add_special_tokens=False).input_ids
-        for _ in range(8):  # several prefix cuts per document
+        for _ in range(TEXT_CUTS):
             cut = rng.randint(*TEXT_PREFIX)
             rest = ids[cut:cut + GEN_LENGTH["text"]]
             if len(rest) >= 8:
-                examples.append(([bos] + ids[:cut], rest + [eos] * (GEN_LENGTH["text"] - len(rest))))
-    dropped = sum(a is None for _, a in examples)
-    print(f"{len(examples)} examples, {dropped} dropped (answer longer than the generation length)")
-    return [e for e in examples if e[1] is not None]
+                examples["text"].append(([special["bos_token_id"]] + ids[:cut],
+                                         rest + [special["eos_token_id"]] * (GEN_LENGTH["text"] - len(rest))))
+    for task, pairs in examples.items():
+        kept = [(p, a) for p, a in pairs if a is not None]
+        print(f"{task}: {len(kept)} examples, {len(pairs) - len(kept)} dropped (answer longer than the generation length)")
+        examples[task] = kept
+    return examples
 
 
-def make_batch(examples, pad_id, device):
-    width = max(len(p) + len(a) for p, a in examples)
-    x = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    key_mask = torch.zeros(len(examples), width, dtype=torch.bool)
-    answer = torch.zeros(len(examples), width, dtype=torch.bool)
-    for row, (p, a) in enumerate(examples):
-        start = width - len(p) - len(a)
-        x[row, start:] = torch.tensor(p + a)
-        key_mask[row, start:] = True
-        answer[row, width - len(a):] = True
-    return x.to(device), key_mask.to(device), answer.to(device)
+def pack(examples, pad_id, device):
+    """All examples left-padded into one tensor; per row the prompt and answer lengths and a sampling weight."""
+    rows = [(task, p, a) for task, pairs in examples.items() for p, a in pairs]
+    width = max(len(p) + len(a) for _, p, a in rows)
+    x = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, (_, p, a) in enumerate(rows):
+        x[i, width - len(p) - len(a):] = torch.tensor(p + a)
+    prompt_len = torch.tensor([len(p) for _, p, _ in rows])
+    answer_len = torch.tensor([len(a) for _, _, a in rows])
+    weight = torch.tensor([TASK_SHARE[task] / len(examples[task]) for task, _, _ in rows])
+    return x.to(device), prompt_len.to(device), answer_len.to(device), weight.to(device)
 
 
-def diffusion_loss(net, x, key_mask, answer, mask_id, eps=1e-3):
-    t = (1 - eps) * torch.rand(x.shape[0], 1, device=x.device) + eps
+def diffusion_loss(net, x, prompt_len, answer_len, mask_id, eps=1e-3):
+    """LLaDA's SFT loss on a left-padded batch; logits only for the answer columns."""
+    B, W = x.shape
+    col = torch.arange(W, device=x.device)
+    key_mask = col >= (W - prompt_len - answer_len)[:, None]
+    answer = col >= (W - answer_len)[:, None]
+    t = (1 - eps) * torch.rand(B, 1, device=x.device) + eps
     masked = answer & (torch.rand(x.shape, device=x.device) < t)
     noisy = torch.where(masked, mask_id, x)
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
-    query = torch.arange(x.shape[1], device=x.device).expand_as(x)
+    tail = max(GEN_LENGTH.values())
+    query = col[W - tail:].expand(B, -1)
     logits = cde.forward_logits(net, noisy, positions, key_mask[:, None, None, :], query)
-    ce = F.cross_entropy(logits.float().transpose(1, 2), x, reduction="none")
-    per_example = (ce * masked / t).sum(1) / answer.sum(1)
+    ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, -tail:], reduction="none")
+    per_example = (ce * masked[:, -tail:] / t).sum(1) / answer_len
     return per_example.mean()
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--minutes", type=float, default=6.0, help="stop after this much training time")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1_000_000)
+    p.add_argument("--minutes", type=float, default=8.0, help="stop after this much training time")
+    p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--d_model", type=int, default=128)
     p.add_argument("--n_layers", type=int, default=4)
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--mlp", type=int, default=384)
+    p.add_argument("--math_problems", type=int, default=300_000, help="stored ones first, then fresh ones")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=OUT)
     args = p.parse_args()
@@ -117,38 +154,46 @@ def main():
     tokenizer = cde.load_tokenizer(OUT, "llada")
     special = json.load(open(os.path.join(OUT, "special_ids.json")))
     config = model_config(special, args)
-    examples = build_examples(tokenizer, special)
+    data_start = time.time()
+    x_all, prompt_all, answer_all, weight = pack(build_examples(tokenizer, special, args.math_problems),
+                                                 special["eos_token_id"], args.device)
+    print(f"{len(x_all)} examples of width {x_all.shape[1]} ready in {time.time() - data_start:.0f} s")
     net = cde.LLaDA(config).to(args.device)
     for name, w in net.named_parameters():
         torch.nn.init.normal_(w, std=0.02) if w.dim() > 1 else torch.nn.init.ones_(w)
     print(f"{sum(w.numel() for w in net.parameters()) / 1e6:.2f}M parameters")
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if args.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    cuda = args.device.startswith("cuda")
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=cuda)
+    loss_fn = torch.compile(diffusion_loss) if cuda else diffusion_loss
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     budget, start, step, log = args.minutes * 60, time.time(), 0, []
     while step < args.steps and time.time() - start < budget:
         progress = min(1.0, max(step / args.steps, (time.time() - start) / budget))
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
-        batch = make_batch(random.sample(examples, args.batch_size), special["eos_token_id"], args.device)
+        rows = torch.multinomial(weight, args.batch_size, replacement=True)
         with autocast:
-            loss = diffusion_loss(net, *batch, config["mask_token_id"])
+            loss = loss_fn(net, x_all[rows], prompt_all[rows], answer_all[rows], config["mask_token_id"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         step += 1
-        if step % 200 == 0:
+        if step % 500 == 0:
             log.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, seconds=round(time.time() - start, 1)))
             print(log[-1], flush=True)
 
     os.makedirs(args.out, exist_ok=True)
+    if os.path.abspath(args.out) != os.path.abspath(OUT):  # a self-contained model folder
+        for name in TOKENIZER_FILES:
+            shutil.copy(os.path.join(OUT, name), args.out)
     from safetensors.torch import save_file
     save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()},
               os.path.join(args.out, "model.safetensors"))
     json.dump(config, open(os.path.join(args.out, "config.json"), "w"), indent=2)
     json.dump(dict(args=vars(args), steps=step, seconds=round(time.time() - start, 1), device=args.device,
-                   gpu=torch.cuda.get_device_name() if args.device.startswith("cuda") else None, log=log),
+                   gpu=torch.cuda.get_device_name() if cuda else None, log=log),
               open(os.path.join(args.out, "training_log.json"), "w"), indent=2)
     print(f"trained {step} steps in {time.time() - start:.0f} s")
 
