@@ -1078,7 +1078,7 @@ TINY_RUN = dict(model=TINY, gen_length=64, steps=64, block_length=32, temperatur
 LABELS["tiny-math"] = dict(TINY_RUN, task="math", data="data/tiny_math_test.jsonl", limit=100)
 LABELS["tiny-code"] = dict(TINY_RUN, task="humaneval", data="data/tiny_code_test.jsonl", limit=100)
 LABELS["tiny-text"] = dict(TEXT_RUN, model=TINY, data="data/tiny_text_test.jsonl", gen_length=48, steps=48,
-                           block_length=24, scorer="smollm2-135m", batch_size=16, limit=100)
+                           block_length=24, scorer="smollm2-135m", batch_size=16, limit=64)
 RUN_KEYS = ["model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
             "conf_threshold", "kl_threshold", "history_length", "scorer"]
 

@@ -64,6 +64,7 @@ def run_label(tmp_path, label, *extra, cwd=REPO, script=os.path.join(REPO, "cust
 def test_tiny_math_and_code_end_to_end(tmp_path):
     math_out = run_label(tmp_path, "tiny-math", "--limit", "10")
     assert re.search(r"^TRAIN_METRICS: math 10/10 acc=\d\.\d{3} avg_steps=\d+\.\d$", math_out, re.M)
+    assert float(re.search(r"^accuracy_tiny-math: (\S+)$", math_out, re.M).group(1)) >= 0.5  # trained weights
     assert "n_samples_tiny-math: 10.0000" in math_out
     code_out = run_label(tmp_path, "tiny-code", "--limit", "10", "--decoder", "confidence_greedy")
     assert "avg_steps_tiny-code: 64.0000" in code_out
