@@ -197,8 +197,8 @@ def profile(model, family, batch_size, args):
 
 def bench(model, family, batch_size, args):
     batches = label_batches(model, family, batch_size, args.samples)
-    run(model, batches[0], argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16,
-                                                              "block_length": 16}))  # warm-up
+    warm_up = argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16, "block_length": 16})
+    run(model, batches[0], warm_up)
     model.calls, model.flops, model.padded_flops, model.attention_flops, sample_forwards = 0, 0, 0, 0, 0
     sync(args.device)
     start = time.perf_counter()
@@ -207,8 +207,8 @@ def bench(model, family, batch_size, args):
     sync(args.device)
     seconds = time.perf_counter() - start
     rate = sample_forwards / seconds
-    return dict(model=family, batch=batch_size, samples=sum(map(len, batches)), ms_per_forward=1000 * seconds / model.calls,
-                sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
+    return dict(model=family, batch=batch_size, samples=sum(map(len, batches)),
+                ms_per_forward=1000 * seconds / model.calls, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
                 padding_share=1 - model.flops / model.padded_flops,
                 bound_fraction=model.flops / seconds / PEAK,
                 projected_minutes=500 * args.steps / rate / 60)
