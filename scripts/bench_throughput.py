@@ -45,6 +45,9 @@ class CountingLM(cde.DiffusionLM):
     the useful work (each live row at its own length, as if alone), `padded_flops` what the kernels
     compute (left padding included), `attention_flops` the padded attention part."""
 
+    def reset_counts(self):
+        self.calls, self.flops, self.padded_flops, self.attention_flops = 0, 0, 0, 0
+
     def flops_at(self, T, Q):
         return 2 * self.linear_params * T + 4 * T * T * self.width * self.layers + 2 * self.width * self.vocab_size * Q
 
@@ -75,7 +78,7 @@ def build(shape, model_path, device):
     embed, blocks, _, head = net.parts()
     model.linear_params = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
     model.width, model.layers = embed.weight.shape[1], len(blocks)
-    model.calls, model.flops, model.padded_flops, model.attention_flops = 0, 0, 0, 0
+    model.reset_counts()
     return model
 
 
@@ -169,7 +172,7 @@ def profile(model, family, batch_size, args):
     forward = model.forward
     model.forward = getattr(forward, "forward", forward)
     run(model, batch, short)  # compile outside the profile
-    model.calls, model.flops, model.padded_flops, model.attention_flops = 0, 0, 0, 0
+    model.reset_counts()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         run(model, batch, short)
@@ -199,7 +202,8 @@ def bench(model, family, batch_size, args):
     batches = label_batches(model, family, batch_size, args.samples)
     warm_up = argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16, "block_length": 16})
     run(model, batches[0], warm_up)
-    model.calls, model.flops, model.padded_flops, model.attention_flops, sample_forwards = 0, 0, 0, 0, 0
+    model.reset_counts()
+    sample_forwards = 0
     sync(args.device)
     start = time.perf_counter()
     for batch in batches:

@@ -71,13 +71,15 @@ def chat_prompts(tokenizer, system, users):
     return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
+def pad_answer(ids, length, special):
+    """ids padded with <|endoftext|> to the generation length (None if too long)."""
+    return ids + [special["eos_token_id"]] * (length - len(ids)) if len(ids) <= length else None
+
+
 def answers(tokenizer, texts, length, special):
-    """Response ids + <|eot_id|>, padded with <|endoftext|> to the generation length (None if too long)."""
-    out = []
-    for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False):
-        ids = e.ids + [special["eot_token_id"]]
-        out.append(ids + [special["eos_token_id"]] * (length - len(ids)) if len(ids) <= length else None)
-    return out
+    """Response ids + <|eot_id|>, padded to the generation length."""
+    return [pad_answer(e.ids + [special["eot_token_id"]], length, special)
+            for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
 def build_examples(tokenizer, special, n_math):
@@ -98,7 +100,7 @@ def build_examples(tokenizer, special, n_math):
             rest = ids[cut:cut + GEN_LENGTH["text"]]
             if len(rest) >= 8:
                 examples["text"].append(([special["bos_token_id"]] + ids[:cut],
-                                         rest + [special["eos_token_id"]] * (GEN_LENGTH["text"] - len(rest))))
+                                         pad_answer(rest, GEN_LENGTH["text"], special)))
     for task, pairs in examples.items():
         kept = [(p, a) for p, a in pairs if a is not None]
         print(f"{task}: {len(kept)} examples, {len(pairs) - len(kept)} dropped (answer longer than the generation length)")
