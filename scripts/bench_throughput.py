@@ -23,11 +23,13 @@ import sys
 import time
 
 from functools import partial
+from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
+import models  # noqa: E402
 
 PEAK = 790e12
 CONFIGS = {  # the real checkpoints' config.json values that matter for the forward
@@ -51,30 +53,31 @@ class CountingLM(cde.DiffusionLM):
     def flops_at(self, T, Q):
         return 2 * self.linear_params * T + 4 * T * T * self.width * self.layers + 2 * self.width * self.vocab_size * Q
 
-    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
+    def logits(self, x, key_mask, positions=None, query_idx=None):
         live = (x == self.mask_id).any(1)
         T, Q = x.shape[1], x.shape[1] if query_idx is None else query_idx.shape[1]
-        mask = self.key_mask(x, attention_mask)
-        lengths = [T] * int(live.sum()) if mask is None else mask[live.to(mask.device)].sum(1).tolist()
+        lengths = [T] * int(live.sum()) if key_mask is None else key_mask[live.to(key_mask.device)].sum(1).tolist()
         self.calls += 1
         self.flops += sum(self.flops_at(n, Q) for n in lengths)
         self.padded_flops += len(lengths) * self.flops_at(T, Q)
         self.attention_flops += len(lengths) * 4 * T * T * self.width * self.layers
-        return super().__call__(x, attention_mask, query_idx, positions)
+        return super().logits(x, key_mask, positions, query_idx)
 
 
 def build(shape, model_path, device):
     if model_path:
-        m = cde.load_model(model_path, device=device)
-        net, family, config = m.net, m.family, json.load(open(os.path.join(model_path, "config.json")))
+        loaded = models.load_checkpoint(model_path, device=device)
+        loaded.tokenizer = None
     else:
         config, family = CONFIGS[shape], shape
         with torch.device(device):
-            net = cde.MODEL_CLASSES[family](config).to(torch.bfloat16)
+            net = models.MODEL_CLASSES[family](config).to(torch.bfloat16)
         for p in net.parameters():
             torch.nn.init.normal_(p, std=0.02)
-    dtype = next(net.parameters()).dtype
-    model = CountingLM(net.eval(), family, None, config, torch.device(device), dtype)
+        loaded = SimpleNamespace(net=net.eval(), family=family, tokenizer=None, config=config,
+                                 device=torch.device(device), dtype=torch.bfloat16)
+    model = CountingLM(loaded)
+    net = model.net
     embed, blocks, _, head = net.parts()
     model.linear_params = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
     model.width, model.layers = embed.weight.shape[1], len(blocks)
@@ -110,12 +113,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(model, batch, args, decoder=None):
+def decode(model, batch, args, decoder):
+    """A left-padded batch decoded as the CLI decodes it (rule checks and forward counts included);
+    returns the generations and the forwards counted per row."""
     ids, mask = cde.left_pad(batch, model.pad_id)
-    model.start_batch(mask)
-    decoder = decoder or cde.TopKDecoder(model.mask_id, score="confidence")
-    x, _ = decoder.decode(model, ids, args.gen_length, args.steps, args.block_length)
-    return int(model.nfe.sum())
+    generations, counted, _ = cde.decode_rows(vars(args), model, decoder, ids, mask, list(range(len(batch))))
+    return generations, counted
+
+
+def run(model, batch, args):
+    return sum(decode(model, batch, args, cde.TopKDecoder(model.mask_id, score="confidence"))[1])
 
 
 def invariance(model, family, n, batch_size, args):
@@ -124,13 +131,8 @@ def invariance(model, family, n, batch_size, args):
     decoder = cde.DemaskDecoder(model.mask_id, conf_threshold=0.6, kl_threshold=0.01)
     samples = sorted(prompts(model, family, n, 1), key=len)
 
-    def decode(batch):
-        ids, mask = cde.left_pad(batch, model.pad_id)
-        model.start_batch(mask)
-        x, _ = decoder.decode(model, ids, args.gen_length, args.steps, args.block_length)
-        return x[:, -args.gen_length:].tolist(), model.nfe.tolist()
-    alone = [decode([p]) for p in samples]
-    together = [decode(samples[i:i + batch_size]) for i in range(0, n, batch_size)]
+    alone = [decode(model, [p], args, decoder) for p in samples]
+    together = [decode(model, samples[i:i + batch_size], args, decoder) for i in range(0, n, batch_size)]
     gens = [g for out in together for g in out[0]]
     steps = [s for out in together for s in out[1]]
     same = sum(g == a[0][0] for g, a in zip(gens, alone)) / n
@@ -147,7 +149,7 @@ def graph_error(model, family):
     """Max |logit| difference between the fast forward (compiled blocks, CUDA-graph replay) and eager."""
     x = torch.tensor(prompts(model, family, 2, 2)[0][:100], device=model.device)[None]
     captured, replayed = model(x).logits, model(x).logits
-    graphed, model.forward = model.forward, partial(cde.forward_logits, model.net)
+    graphed, model.forward = model.forward, partial(models.forward_logits, model.net)
     eager = model(x).logits
     model.forward = graphed
     return max((captured - eager).abs().max().item(), (replayed - eager).abs().max().item())
@@ -242,7 +244,7 @@ def main():
         if args.device.startswith("cuda") and not args.eager:
             print(f"{model.family}: fast vs eager forward max |diff| of logits: {graph_error(model, model.family)}")
         if args.eager or not args.device.startswith("cuda"):
-            model.forward = partial(cde.forward_logits, model.net)
+            model.forward = partial(models.forward_logits, model.net)
         if args.invariance:
             rows.append(invariance(model, model.family, args.invariance, 8, args))
         for b in map(int, args.batch_sizes.split(",")):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
+import decoders
 from conftest import REPO
 
 V, MASK = 8, 7  # scripted vocabulary: tokens 0..6, mask id 7
@@ -90,7 +91,7 @@ def test_factor_rank_rule_without_the_off_by_one():
     (256, 1, 22, 253, 23), (256, 2, 32, 272, 31), (256, 4, 45, 276, 44), (256, 8, 64, 288, 60),
     (128, 1, 16, 136, 16), (512, 1, 32, 528, 32)])
 def test_pyramidal_steps_table(G, factor, formula, covered, minimal):
-    d = cde.pyramidal_steps(G, factor)
+    d = decoders.pyramidal_steps(G, factor)
     assert (d["formula_steps"], d["covered"], d["minimal_steps"]) == (formula, covered, minimal)
     assert d["forwards_per_window"] == min(formula, minimal)
 
@@ -167,7 +168,7 @@ def test_eb_sampler_commits_the_longest_prefix_within_gamma():
 
 
 def test_dus_dilated_levels_and_one_forward_per_level():
-    levels = cde.dilated_levels(32, 2)
+    levels = decoders.dilated_levels(32, 2)
     assert [len(l) for l in levels] == [2, 2, 4, 8, 16]
     assert levels[:3] == [[0, 16], [8, 24], [4, 12, 20, 28]]
     commits, _, _ = trace(make("dus"), per_position([0.5] * 64), 64, 64, 32)
@@ -215,16 +216,16 @@ def test_registry_entries():
                 "threshold": "threshold", "factor": "factor", "pyramidal": "schedule", "eb_sampler": "adaptive",
                 "dus": "schedule", "prophet": "adaptive", "remdm": "remask"}
     for name, kind in expected.items():
-        info = cde.method_info(name)
+        info = decoders.DECODERS[name]
         assert info.method_type == kind and cde.DECODERS[name][0] is info.cls
-    assert cde.method_info("default").cls is cde.DemaskDecoder
-    assert cde.method_info("threshold").representative_param == "alg_threshold"
-    assert cde.method_scorer("entropy_topk") == "neg_entropy"
-    assert cde.method_scorer("confidence_greedy", {"score": "margin"}) == "margin"
-    assert "steps" not in cde.method_config_keys("threshold") and "alg_threshold" in cde.method_config_keys("threshold")
-    assert "steps" in cde.method_config_keys("confidence_greedy")
+    assert decoders.DECODERS["default"].cls is cde.DemaskDecoder
+    assert decoders.DECODERS["threshold"].representative_param == "alg_threshold"
+    assert decoders.method_position_score("entropy_topk") == "neg_entropy"
+    assert decoders.method_position_score("confidence_greedy", {"score": "margin"}) == "margin"
+    assert "steps" not in decoders.method_config_keys("threshold") and "alg_threshold" in decoders.method_config_keys("threshold")
+    assert "steps" in decoders.method_config_keys("confidence_greedy")
     with pytest.raises(ValueError, match="already registered"):
-        cde.register_method("threshold", cde.FactorDecoder, method_type="factor")
+        cde.register_method("threshold", decoders.FactorDecoder, method_type="factor")
     with pytest.raises(ValueError, match="method_type"):
         cde.register_method("x", cde.TopKDecoder, method_type="bogus")
     with pytest.raises(ValueError, match="unknown score"):
@@ -239,13 +240,14 @@ import custom_demask_eval as cde
 class RightToLeft(cde.TopKDecoder):
     """Commit the rightmost masked positions first."""
 
-    def select(self, logits, candidates, k, step):
-        tokens, p, conf = cde.propose_tokens(logits, self.temperature, self.top_p, self.family, self.model)
+    def select(self, logits, candidates, k, step, batch):
+        tokens, p, conf = self.propose(logits, batch)
         score = torch.arange(candidates.shape[1], dtype=torch.float64).expand(candidates.shape)
         return cde.top_k_commit(score, candidates, k), tokens
 
 
-cde.register_method("right_to_left", RightToLeft, method_type="topk", representative_param="k", scorer="position")
+cde.register_method("right_to_left", RightToLeft, method_type="topk", representative_param="k",
+                    position_score="position")
 '''
 
 
@@ -263,7 +265,7 @@ def test_plugin_registers_a_decoder_for_the_cli(tmp_path, tiny_llada):
         assert cfg["plugins"] == [str(plugin)] and cfg["decoder_info"]["method_type"] == "topk"
     finally:
         cde.DECODERS.pop("right_to_left", None)
-        cde._PLUGINS_LOADED.discard(str(plugin))
+        cde.PLUGIN_FILES.pop("demask_plugin_my_decoders", None)
     # as a script the harness is __main__: the plugin's `import custom_demask_eval` must reach it
     out = subprocess.run([sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--plugin", str(plugin),
                           "--label", "llada-math", "--decoder", "right_to_left", "--model_path", "/no/such/model"],
@@ -323,11 +325,11 @@ def test_dream_style_token_choice(tiny_dream, name):
 
 
 def test_remasking_must_be_declared(tiny):
-    class Undeclared(cde.RemdmDecoder):
+    class Undeclared(decoders.RemdmDecoder):
         remasks = False
     cfg = dict(gen_length=8, steps=8, block_length=8)
     with pytest.raises(cde.RuleViolation, match="committed tokens are final"):
         cde.decode_batch(cfg, tiny, Undeclared(tiny.mask_id, eta=1.0), [dict(id="a", prompt_ids=[0, 5])], seed=0)
-    gens, counted, _ = cde.decode_batch(cfg, tiny, cde.RemdmDecoder(tiny.mask_id, eta=1.0),
+    gens, counted, _ = cde.decode_batch(cfg, tiny, decoders.RemdmDecoder(tiny.mask_id, eta=1.0),
                                         [dict(id="a", prompt_ids=[0, 5])], seed=0)
     assert counted[0] > 8 and tiny.mask_id not in gens[0]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
+import decoders
 from conftest import REPO
 
 SMALL = ["--gen_length", "16", "--steps", "16", "--block_length", "8"]
@@ -101,7 +102,7 @@ class DoubleCallDecoder(cde.TopKDecoder):
 
 
 def test_counted_steps_do_not_trust_the_decoder(tmp_path, tiny_llada, monkeypatch, capsys):
-    monkeypatch.setitem(cde.DECODERS, "double", (DoubleCallDecoder, {}))
+    monkeypatch.setitem(cde.DECODERS, "double", decoders.MethodInfo(DoubleCallDecoder, {}))
     metrics = cde.main(["--label", "llada-math", "--model_path", tiny_llada, "--limit", "3", "--decoder", "double",
                         "--results_dir", str(tmp_path), *SMALL])
     assert metrics["avg_steps"] == 32.0

@@ -1,5 +1,6 @@
 """Native LLaDA / Dream against the upstream golden logits, checkpoint names and padding."""
 import json
+from types import SimpleNamespace
 import os
 
 import pytest
@@ -7,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import custom_demask_eval as cde
+import models
 from conftest import SHARED
 
 FIXTURES = os.path.join(SHARED, "fixtures")
@@ -62,9 +64,9 @@ def test_real_checkpoint_names_and_shapes(folder, family):
     """Full-size model on the meta device: its state_dict has exactly the checkpoint's names."""
     path = os.path.join(SHARED, "data", "model_files", folder)
     config = json.load(open(os.path.join(path, "config.json")))
-    assert cde.model_family(config) == family
+    assert models.model_family(config) == family
     with torch.device("meta"):
-        net = cde.MODEL_CLASSES[family](config)
+        net = models.MODEL_CLASSES[family](config)
     names = set(json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"])
     assert set(net.state_dict()) == names
     n_params = sum(p.numel() for p in net.parameters())
@@ -73,15 +75,16 @@ def test_real_checkpoint_names_and_shapes(folder, family):
 
 def test_dream_real_tokenizer_template_and_stop_ids():
     path = os.path.join(SHARED, "data", "model_files", "dream-v0-instruct-7b")
-    tok = cde.load_tokenizer(path, "dream")
+    tok = models.load_tokenizer(path, "dream")
     ids = cde.encode_chat(tok, [{"role": "system", "content": cde.CODE_SYSTEM}, {"role": "user", "content": "x"}])
     text = tok.decode(ids)
     assert text == ("<|im_start|>system\nYou complete only Python code.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
                     "<|im_start|>assistant\n")
     config = json.load(open(os.path.join(path, "config.json")))
     with torch.device("meta"):
-        net = cde.Dream(config)
-    model = cde.DiffusionLM(net, "dream", tok, config, torch.device("cpu"), torch.float32)
+        net = models.Dream(config)
+    model = cde.DiffusionLM(SimpleNamespace(net=net, family="dream", tokenizer=tok, config=config,
+                                            device=torch.device("cpu"), dtype=torch.float32))
     assert model.stop_ids == [151643, 151645] and model.mask_id == 151666
 
 
@@ -92,7 +95,7 @@ def test_llada_real_template_renders_like_llada():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         save_tokenizer(d)
-        tok = cde.load_tokenizer(d, "llada")
+        tok = models.load_tokenizer(d, "llada")
         tok.chat_template = template
         ids = cde.encode_chat(tok, [{"role": "user", "content": " hi "}])
         assert tok.decode(ids) == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"

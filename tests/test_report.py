@@ -9,6 +9,7 @@ import sys
 import pytest
 
 import custom_demask_eval as cde
+import report
 from conftest import REPO
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "report_results")
@@ -70,14 +71,14 @@ def test_sweep_rejects_bad_configs_before_loading(monkeypatch, capsys):
 
 
 def test_pbx_and_aup_definitions():
-    assert cde.pb_scores([(95, 1), (93, 2), (85, 4)]) == {90: 2, 80: 4, 70: 4, 60: 4}
-    assert cde.pb_scores([(40, 2)]) == {90: None, 80: None, 70: None, 60: None}
-    value, flagged = cde.aup([(5, 88), (3.2, 92)], y_max=96)
+    assert report.pb_scores([(95, 1), (93, 2), (85, 4)]) == {90: 2, 80: 4, 70: 4, 60: 4}
+    assert report.pb_scores([(40, 2)]) == {90: None, 80: None, 70: None, 60: None}
+    value, flagged = report.aup([(5, 88), (3.2, 92)], y_max=96)
     w = lambda y: min(math.exp(-3 * (1 - y / 96)), 1)
     assert not flagged and value == pytest.approx(3.2 * 92 + 0.5 * 1.8 * (92 * w(92) + 88 * w(88)))
-    value, flagged = cde.aup([(1, 95), (2, 93), (4, 85)], y_max=96)  # 85 < 95 - 5: dropped, flagged
+    value, flagged = report.aup([(1, 95), (2, 93), (4, 85)], y_max=96)  # 85 < 95 - 5: dropped, flagged
     assert flagged and value == pytest.approx(95 + 0.5 * (95 * w(95) + 93 * w(93)))
-    assert cde.pareto_front([(10, 50, "a"), (5, 40, "b"), (20, 50, "c"), (30, 60, "d")]) == \
+    assert report.pareto_front([(10, 50, "a"), (5, 40, "b"), (20, 50, "c"), (30, 60, "d")]) == \
         [(5, 40, "b"), (10, 50, "a"), (30, 60, "d")]
 
 

@@ -89,7 +89,7 @@ def test_original_harness_decoder_pasted_into_the_region_runs_unchanged(tmp_path
     work.mkdir()
     (work / "custom_demask_eval.py").write_text(head + "# --- EDITABLE REGION START ---\n" + ORIGINAL_STYLE_DECODER
                                                 + "# --- EDITABLE REGION END ---\n" + tail)
-    for name in ("utils.py", "data", "models"):
+    for name in ("utils.py", "decoders.py", "models.py", "report.py", "data", "models"):
         os.symlink(os.path.join(REPO, name), work / name)
     out = run_label(tmp_path / "results", "tiny-math", "--limit", "6", "--batch_size", "1", cwd=str(work),
                     script=str(work / "custom_demask_eval.py"))

@@ -1,0 +1,279 @@
+"""Native LLaDA-8B and Dream-7B in plain PyTorch (in the manner of nanoGPT's model.py), the fast
+GPU forward, and checkpoint + tokenizer loading.
+
+Parameter names are those of the official checkpoints (GSAI-ML/LLaDA-8B-Instruct's
+modeling_llada.py, Dream-org/Dream-v0-Instruct-7B's modeling_dream.py), so a plain
+load_state_dict loads them; attention is bidirectional SDPA with RoPE, RMSNorm and SwiGLU.
+"""
+import json
+import os
+from functools import partial
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------
+# Layers shared by both families
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rotary_tables(positions, head_dim, theta):
+    """cos/sin [B, 1, T, head_dim] in fp32 for the rotate-half RoPE form."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+
+def attention(q, k, v, n_heads, n_kv_heads, rope, key_mask):
+    """Bidirectional multi-head attention; key_mask [B, 1, 1, T] (True = attend) or None."""
+    B, T, _ = q.shape
+    q = q.view(B, T, n_heads, -1).transpose(1, 2)
+    k = k.view(B, T, n_kv_heads, -1).transpose(1, 2)
+    v = v.view(B, T, n_kv_heads, -1).transpose(1, 2)
+    q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if n_kv_heads != n_heads:
+        k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
+        v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
+    return out.transpose(1, 2).reshape(B, T, -1)
+
+
+# ---------------------------------------------------------------------------
+# LLaDA and Dream
+
+class LLaDABlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, hidden = c["d_model"], c["mlp_hidden_size"]
+        self.n_heads, self.n_kv_heads = c["n_heads"], c.get("n_kv_heads") or c["n_heads"]
+        kv = d // self.n_heads * self.n_kv_heads
+        self.attn_norm, self.ff_norm = RMSNorm(d, c["rms_norm_eps"]), RMSNorm(d, c["rms_norm_eps"])
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d, False), nn.Linear(d, kv, False), nn.Linear(d, kv, False)
+        self.attn_out = nn.Linear(d, d, False)
+        self.ff_proj, self.up_proj, self.ff_out = nn.Linear(d, hidden, False), nn.Linear(d, hidden, False), nn.Linear(hidden, d, False)
+
+    def forward(self, h, rope, key_mask):
+        a = self.attn_norm(h)
+        h = h + self.attn_out(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
+                                        self.n_heads, self.n_kv_heads, rope, key_mask))
+        m = self.ff_norm(h)
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+
+
+class LLaDA(nn.Module):
+    """LLaDA-8B layout: model.transformer.{wte, blocks.i, ln_f, ff_out}; row i predicts token i."""
+    shift = 0
+
+    def __init__(self, c):
+        super().__init__()
+        self.config, self.head_dim, self.theta = c, c["d_model"] // c["n_heads"], c["rope_theta"]
+        self.model = nn.Module()
+        self.model.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(c["embedding_size"] or c["vocab_size"], c["d_model"]),
+            blocks=nn.ModuleList(LLaDABlock(c) for _ in range(c["n_layers"])),
+            ln_f=RMSNorm(c["d_model"], c["rms_norm_eps"]),
+            ff_out=nn.Linear(c["d_model"], c["embedding_size"] or c["vocab_size"], bias=False)))
+
+    def parts(self):
+        t = self.model.transformer
+        return t.wte, t.blocks, t.ln_f, t.ff_out
+
+
+class DreamAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d = c["hidden_size"]
+        self.n_heads, self.n_kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        kv = d // self.n_heads * self.n_kv_heads
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, a, rope, key_mask):
+        return self.o_proj(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
+                                     self.n_heads, self.n_kv_heads, rope, key_mask))
+
+
+class DreamMLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d, hidden = c["hidden_size"], c["intermediate_size"]
+        self.gate_proj, self.up_proj = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, m):
+        return self.down_proj(F.silu(self.gate_proj(m)) * self.up_proj(m))
+
+
+class DreamBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.self_attn, self.mlp = DreamAttention(c), DreamMLP(c)
+
+    def forward(self, h, rope, key_mask):
+        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Dream(nn.Module):
+    """Dream-7B layout (Qwen2 names); row i of the network predicts token i + 1."""
+    shift = 1
+
+    def __init__(self, c):
+        super().__init__()
+        self.config, self.theta = c, c["rope_theta"]
+        self.head_dim = c["hidden_size"] // c["num_attention_heads"]
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.model.layers = nn.ModuleList(DreamBlock(c) for _ in range(c["num_hidden_layers"]))
+        self.model.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+
+    def parts(self):
+        return self.model.embed_tokens, self.model.layers, self.model.norm, self.lm_head
+
+
+# ---------------------------------------------------------------------------
+# The forward: plain on CPU, compiled blocks replayed as CUDA graphs on a GPU
+
+def forward_logits(net, x, positions, key_mask, query_idx, blocks=None):
+    """Logits [B, Q, V] aligned so that row j predicts token query_idx[:, j] (Dream's shift inside).
+    `blocks`: callables that replace the net's blocks (compiled ones)."""
+    embed, net_blocks, norm, head = net.parts()
+    blocks = blocks or net_blocks
+    rope = rotary_tables(positions, net.head_dim, net.theta)
+    h = embed(x)
+    for block in blocks:
+        h = block(h, rope, key_mask)
+    rows = (query_idx - net.shift).clamp(min=0)
+    h = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
+    return head(norm(h))
+
+
+class GraphedForward:
+    """CUDA-graph replay of a forward function, one graph per input shape (the `keep` most recent).
+
+    Within a batch the shapes stay fixed for hundreds of forwards, so a capture (two forwards)
+    pays off at once, and replay removes the kernel-launch gaps that a per-step host sync
+    otherwise leaves on the GPU. All graphs share one memory pool; a graph's output buffer is
+    only valid until the next replay, so it is returned as a fresh fp32 copy.
+    """
+
+    def __init__(self, forward, keep=4):
+        self.forward, self.keep, self.graphs, self.pool = forward, keep, {}, None
+
+    def __call__(self, *inputs):
+        key = tuple(None if t is None else tuple(t.shape) for t in inputs)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(inputs)
+            if len(self.graphs) > self.keep:
+                del self.graphs[next(iter(self.graphs))]
+        graph, static, out = self.graphs.pop(key)
+        self.graphs[key] = graph, static, out  # most recent last
+        for buffer, value in zip(static, inputs):
+            if buffer is not None:
+                buffer.copy_(value)
+        graph.replay()
+        return out.float() if out.dtype != torch.float32 else out.clone()
+
+    def capture(self, inputs):
+        static = [None if t is None else t.clone() for t in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.forward(*static)  # warm-up (and compilation) outside the graph
+        torch.cuda.current_stream().wait_stream(side)
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.forward(*static)
+        return graph, static, out
+
+
+def fast_forward(net):
+    """The GPU forward: blocks compiled once for all layers and shapes (RMSNorm, RoPE and SwiGLU
+    become fused kernels around the matmuls and SDPA), replayed as CUDA graphs per shape."""
+    blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
+    return GraphedForward(partial(forward_logits, net, blocks=blocks))
+
+
+def network_forward(net, device):
+    return fast_forward(net) if device.type == "cuda" else partial(forward_logits, net)
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and tokenizers
+
+MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}
+
+
+def model_family(config):
+    kind = str(config.get("model_type", "")).lower()
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (expected LLaDA or Dream)")
+    return kind
+
+
+def resolve_model_path(path_or_id):
+    """A local folder as is; anything else is a hub id, downloaded once (weights, config, tokenizer)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    from huggingface_hub import snapshot_download
+    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+
+
+def load_state(path, device, dtype):
+    """Tensors of all safetensors shards, under their original names, straight onto the device."""
+    from safetensors import safe_open
+    index = os.path.join(path, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index) else ["model.safetensors"]
+    state = {}
+    for name in files:
+        with safe_open(os.path.join(path, name), framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                state[key] = f.get_tensor(key).to(dtype)
+    return state
+
+
+def has_tokenizer(path):
+    return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
+
+
+def load_tokenizer(path, family):
+    import transformers
+    cls = transformers.Qwen2Tokenizer if family == "dream" else transformers.PreTrainedTokenizerFast
+    return cls.from_pretrained(path)
+
+
+def load_checkpoint(path_or_id, device=None, dtype=None):
+    """LLaDA or Dream (family from config.json) with its tokenizer, in eval mode on `device`
+    (default: cuda if available), bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
+    path = resolve_model_path(path_or_id)
+    config = json.load(open(os.path.join(path, "config.json")))
+    family = model_family(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    with torch.device("meta"):
+        net = MODEL_CLASSES[family](config)
+    net.load_state_dict(load_state(path, device, dtype), strict=True, assign=True)
+    tokenizer = load_tokenizer(path, family) if has_tokenizer(path) else None
+    return SimpleNamespace(net=net.eval(), family=family, tokenizer=tokenizer, config=config, device=device,
+                           dtype=dtype)

@@ -1,0 +1,416 @@
+"""Leaderboard, Pareto plots, PBx (ParallelBench) and AUP (d3LLM) from run directories.
+
+`write_report` reads every summary.json under a results folder and writes report.md, report.csv
+and one pareto_<label>.png per label, in this order: collect the runs, the header, then per model
+and per kind of label (accuracy, text) the leaderboard, the Pareto sections and PBx/AUP tables.
+"""
+import csv
+import inspect
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+from decoders import DECODERS, method_config_keys, method_position_score
+
+ACCURACY_METRICS = ("accuracy", "pass@1")
+TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")
+PB_LEVELS = (90, 80, 70, 60)
+HEADER_NOTES = [
+    "- acc / pass@1 / mauve in %; steps = avg_steps = model forwards per sample (NFE).",
+    "- tok/step = gen_length / avg_steps. Every generated position counts as decoded, EOS/padding "
+    "after the answer included (ParallelBench's convention), so it overstates useful tokens for "
+    "short answers.",
+    "- PBx (ParallelBench): per configuration TPS = k = gen_length/steps for top-k methods (from the "
+    "config), gen_length/avg_steps otherwise; PBx = the largest TPS with score >= x (— when none).",
+    "- AUP (d3LLM): rho = gen_length/avg_steps, y = accuracy %, alpha = 3, y_max = best accuracy of "
+    "any configuration of the label for that model; `*` = accuracy drops more than 5 points at the "
+    "highest rho (d3LLM's code asserts there); computed over the pairs within 5 points of y_1.",
+]
+
+# ---------------------------------------------------------------------------
+# Runs
+
+
+def collect_runs(results_dir, label_defaults, run_keys):
+    """Every run directory under results_dir with a readable summary.json, and the unreadable ones."""
+    runs, problems = [], []
+    for root, dirs, files in os.walk(results_dir):
+        dirs.sort()
+        if "summary.json" not in files:
+            continue
+        path = os.path.join(root, "summary.json")
+        try:
+            runs.append(read_run(results_dir, root, path, label_defaults, run_keys))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
+            problems.append(f"{os.path.relpath(path, results_dir)}: {type(e).__name__}: {e}")
+    return runs, problems
+
+
+def read_run(results_dir, root, path, label_defaults, run_keys):
+    summary = json.load(open(path))
+    cfg, metrics = summary["config"], summary["metrics"]
+    run = dict(dir=os.path.relpath(root, results_dir), label=summary.get("label") or cfg["label"],
+               decoder=summary.get("decoder") or cfg["decoder"], cfg=cfg, metrics=metrics,
+               details=summary.get("details") or {}, mtime=os.path.getmtime(path),
+               avg_steps=float(metrics["avg_steps"]), n=int(metrics.get("n_samples", 0)),
+               fingerprint=cfg.get("fingerprint"))
+    run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
+    run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
+    value = metrics.get(run["metric"])
+    run["score"] = None if value is None else 100.0 * float(value)
+    run["model"] = str(cfg.get("model"))
+    scorer_lm = run["details"].get("scorer") if isinstance(run["details"].get("scorer"), str) else None
+    run["scorer_lm"] = (scorer_lm or cfg.get("scorer")) if run["kind"] == "text" else None
+    run["type"], run["rep_name"], run["rep"] = run_method(run)
+    run["params"] = run_params(run, label_defaults.get(run["label"], {}), run_keys)
+    run["tokens_per_forward"] = cfg["gen_length"] / run["avg_steps"] if run["avg_steps"] > 0 else None
+    run["pb_tps"] = cfg["gen_length"] / cfg["steps"] if run["type"] == "topk" else run["tokens_per_forward"]
+    return run
+
+
+def constructor_default(cls, name):
+    try:
+        param = inspect.signature(cls.__init__).parameters.get(name)
+    except (TypeError, ValueError):
+        return None
+    return None if param is None or param.default is inspect.Parameter.empty else param.default
+
+
+def run_method(run):
+    """(method type, representative parameter, its value) from the registry, else from the run's record."""
+    cfg, name = run["cfg"], run["decoder"]
+    recorded = cfg.get("decoder_info") or {}
+    info = DECODERS.get(name)
+    kind = info.method_type if info else recorded.get("method_type", "custom")
+    rep = info.representative_param if info else recorded.get("representative_param")
+    args = cfg.get("decoder_args") or {}
+    if rep == "k":
+        value = cfg["gen_length"] / cfg["steps"]
+    elif rep in args:
+        value = args[rep]
+    elif info and rep in info.fixed:
+        value = info.fixed[rep]
+    elif rep in cfg:
+        value = cfg[rep]
+    else:
+        value = constructor_default(info.cls, rep) if info and rep else None
+    if isinstance(value, float) and value.is_integer() and rep == "k":
+        value = int(value)
+    return kind, rep, value
+
+
+def run_params(run, defaults, run_keys):
+    """What distinguishes the run within its label: decoder_args, run settings the method uses that
+    differ from the label's defaults, and a non-default seed."""
+    cfg, name = run["cfg"], run["decoder"]
+    keys = method_config_keys(name) if name in DECODERS else run_keys
+    params = {k: cfg[k] for k in keys if k in run_keys and k not in ("model", "task", "data", "scorer")
+              and k in cfg and k in defaults and cfg[k] != defaults[k]}
+    params.update(cfg.get("decoder_args") or {})
+    if cfg.get("seed", 1234) != 1234:
+        params["seed"] = cfg["seed"]
+    return dict(sorted(params.items()))
+
+
+def run_position_score(run):
+    if run["decoder"] in DECODERS:
+        return method_position_score(run["decoder"], run["cfg"].get("decoder_args"))
+    return (run["cfg"].get("decoder_info") or {}).get("position_score")
+
+
+# ---------------------------------------------------------------------------
+# Formatting and ordering
+
+
+def params_text(params, skip=None):
+    return ", ".join(f"{k}={fmt_param(v)}" for k, v in params.items() if k != skip) or "—"
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def fmt_param(value):
+    return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def slug(text):
+    return re.sub(r"[^\w.+-]", "_", str(text)).strip("_") or "x"
+
+
+def family_order(name):
+    """The editable decoder first, then the registry's order, then unregistered names."""
+    names = ["default"] + [n for n in DECODERS if n != "default"]
+    return (names.index(name) if name in names else len(names), name)
+
+
+def sort_value(value):
+    return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
+
+
+def row_key(run):
+    """Runs in one leaderboard row share decoder, parameters, code fingerprint and (text) scorer LM."""
+    return run["decoder"], json.dumps(run["params"], sort_keys=True, default=str), run["fingerprint"], run["scorer_lm"]
+
+
+def row_sort(run):
+    return family_order(run["decoder"]) + (sort_value(run["rep"]), json.dumps(run["params"], default=str),
+                                           str(run["fingerprint"]))
+
+
+def row_name(run):
+    """The decoder's name; rows of the editable decoder and of plugins carry their code hash."""
+    name = run["decoder"]
+    if run["fingerprint"] and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "decoders"):
+        name += f" `{run['fingerprint'][:8]}`"
+    return name
+
+
+def choose_runs(runs):
+    """One run per (row, label): the one with the most samples, then the newest; and how many
+    runs each cell had."""
+    cells, counts = {}, {}
+    for run in runs:
+        k = (row_key(run), run["label"])
+        counts[k] = counts.get(k, 0) + 1
+        if k not in cells or (run["n"], run["mtime"]) > (cells[k]["n"], cells[k]["mtime"]):
+            cells[k] = run
+    rows = {}
+    for (rk, label), run in cells.items():
+        if rk not in rows or row_sort(run) < row_sort(rows[rk]):
+            rows[rk] = run
+    return cells, counts, rows
+
+
+# ---------------------------------------------------------------------------
+# Pareto fronts, PBx and AUP
+
+
+def pareto_front(points):
+    """Points (steps, score, ...) not dominated by another with fewer or equal steps and a higher or
+    equal score; returned by steps ascending."""
+    front, best = [], -math.inf
+    for p in sorted(points, key=lambda p: (p[0], -p[1])):
+        if p[1] > best:
+            front.append(p)
+            best = p[1]
+    return front
+
+
+def pb_scores(configs):
+    """ParallelBench PBx: configs are (score 0-100, TPS); the largest TPS whose score is >= x."""
+    return {x: max((tps for score, tps in configs if score >= x), default=None) for x in PB_LEVELS}
+
+
+def aup(pairs, y_max, alpha=3.0):
+    """d3LLM's accuracy under parallelism from (rho = tokens per forward, y = accuracy %) pairs.
+    Returns (AUP, flagged); flagged when y_1 - y_last > 5, where d3LLM's code asserts: the value is
+    then computed over the pairs within 5 points of y_1, as the code's filter keeps them."""
+    pairs = sorted(pairs, key=lambda p: (p[0], -p[1]))
+    y1 = pairs[0][1]
+    flagged = y1 - pairs[-1][1] > 5
+    kept = [p for p in pairs if p[1] >= y1 - 5]
+
+    def weighted(y):
+        return y * (1.0 if y_max <= 0 else min(math.exp(-alpha * (1 - y / y_max)), 1.0))
+    total = kept[0][0] * kept[0][1]
+    for (r0, y0), (r1, y1_) in zip(kept, kept[1:]):
+        total += 0.5 * (r1 - r0) * (weighted(y1_) + weighted(y0))
+    return total, flagged
+
+
+def plot_pareto(points, title, ylabel, path):
+    """points: (avg_steps, score, family, text) per configuration."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    families = sorted({p[2] for p in points}, key=family_order)
+    for i, fam in enumerate(families):
+        mine = [p for p in points if p[2] == fam]
+        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=plt.cm.tab10(i % 10),
+                   marker="os^Dv<>P"[i // 10 % 7])
+    front = pareto_front(points)
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
+    ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors="k")
+    for p in front:
+        ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+    ax.set_xscale("log")
+    ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(ticks)
+    ax.xaxis.set_minor_formatter(ticks)
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel("avg_steps (forwards per sample, log scale)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------
+# Report sections
+
+
+def header_lines(results_dir, runs, problems):
+    lines = ["# Decoder report", "",
+             f"{len(runs)} runs read from `{results_dir}`. Rows never mix models, scorer LMs or decoder code "
+             "(fingerprint): one section per model; rows of the editable decoder and of "
+             "plugins show their code hash. Per row and label the run with the most samples (then the "
+             "newest) is shown; `runs` counts the runs merged into the row.", "", *HEADER_NOTES, ""]
+    if problems:
+        lines += ["Unreadable summaries (skipped): " + "; ".join(f"`{p}`" for p in problems), ""]
+    return lines
+
+
+def leaderboard_lines(kind, labels, mine, cells, counts, rows):
+    text = kind == "text"
+    head = ["decoder", "type", "rep. param", "settings", "position score"] + (["scorer LM"] if text else [])
+    for label in labels:
+        metric = next((r["metric"] for r in mine if r["label"] == label), "score")
+        shown = list(TEXT_METRICS) if text else [metric if metric != "accuracy" else "acc"]
+        head += [f"{label} {m}" for m in shown] + [f"{label} steps", f"{label} tok/step", f"{label} n"]
+    head.append("runs")
+    lines = [f"### Leaderboard ({'text labels' if text else 'accuracy labels'})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for rk, first in sorted(rows.items(), key=lambda kv: row_sort(kv[1])):
+        rep = f"{first['rep_name']}={fmt_param(first['rep'])}" if first["rep_name"] else "—"
+        cols = [row_name(first), first["type"], rep, params_text(first["params"], skip=first["rep_name"]),
+                fmt_param(run_position_score(first))] + ([str(first["scorer_lm"])] if text else [])
+        for label in labels:
+            cols += label_cells(cells.get((rk, label)), text)
+        cols.append(str(sum(counts.get((rk, label), 0) for label in labels)))
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
+    return lines + [""]
+
+
+def label_cells(run, text):
+    if run is None:
+        return ["—"] * ((len(TEXT_METRICS) if text else 1) + 3)
+    if text:
+        values = [run["metrics"].get(m) for m in TEXT_METRICS]
+        values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
+                  for m, v in zip(TEXT_METRICS, values)]
+    else:
+        values = [fmt(run["score"])]
+    return values + [fmt(run["avg_steps"]), fmt(run["tokens_per_forward"], 2), str(run["n"])]
+
+
+def pareto_sections(kind, model, mine, runs, cells, out_dir):
+    lines = []
+    for label, scorer_lm in sorted({(lab, r["scorer_lm"]) for (rk, lab), r in cells.items()},
+                                   key=lambda t: (t[0], str(t[1]))):
+        pts = [r for (rk, lab), r in cells.items() if lab == label and r["scorer_lm"] == scorer_lm
+               and r["score"] is not None and r["avg_steps"] > 0]
+        if pts:
+            lines += pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir)
+            if kind == "accuracy":
+                lines += pbx_aup_lines(label, pts)
+    return lines
+
+
+def plot_name(label, scorer_lm, model, mine, runs):
+    name = f"pareto_{slug(label)}"
+    if len({r["model"] for r in runs if r["label"] == label}) > 1:
+        name += f"_{slug(os.path.basename(model.rstrip('/')))}"
+    if len({r["scorer_lm"] for r in mine if r["label"] == label}) > 1:
+        name += f"_{slug(scorer_lm)}"
+    return name + ".png"
+
+
+def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
+    metric, short_model = pts[0]["metric"], os.path.basename(model.rstrip("/"))
+    name = plot_name(label, scorer_lm, model, mine, runs)
+    points = [(r["avg_steps"], r["score"], r["decoder"],
+               f"{row_name(r)} {params_text(r['params'])}" if r["params"] else row_name(r)) for r in pts]
+    scored = f", scorer {scorer_lm}" if scorer_lm else ""
+    plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
+                os.path.join(out_dir, name))
+    front = pareto_front(points)
+    return [f"### {label}{scored}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
+            "Front: " + "; ".join(f"{p[3]} ({fmt(p[1])} @ {fmt(p[0])} steps)" for p in front), ""]
+
+
+def pbx_aup_lines(label, pts):
+    y_max = max(r["score"] for r in pts)
+    by_family = {}
+    for r in pts:
+        by_family.setdefault(r["decoder"], []).append(r)
+    lines = [f"### {label}: PBx and AUP", "",
+             "| decoder | configs | PB90 | PB80 | PB70 | PB60 | AUP |", "|---|---|---|---|---|---|---|"]
+    for fam in sorted(by_family, key=family_order):
+        group = by_family[fam]
+        pb = pb_scores([(r["score"], r["pb_tps"]) for r in group])
+        value, flagged = aup([(r["tokens_per_forward"], r["score"]) for r in group], y_max)
+        lines.append(f"| {fam} | {len(group)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) +
+                     f" | {value:.2f}{'*' if flagged else ''} |")
+    pb = pb_scores([(r["score"], r["pb_tps"]) for r in pts])
+    return lines + [f"| all methods | {len(pts)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " | — |",
+                    "", f"y_max = {y_max:.1f}.", ""]
+
+
+def all_labels_pbx_lines(labels, rows, cells):
+    """PBx over the mean score and TPS of the configurations run on every accuracy label."""
+    complete = [rk for rk in rows if all((rk, label) in cells for label in labels)]
+    configs = [(float(np.mean([cells[(rk, lab)]["score"] for lab in labels])),
+                float(np.mean([cells[(rk, lab)]["pb_tps"] for lab in labels]))) for rk in complete]
+    if len(labels) < 2 or not configs:
+        return []
+    pb = pb_scores(configs)
+    return [f"### All accuracy labels ({', '.join(labels)}): PBx", "",
+            f"Mean over labels of score and TPS, for the {len(configs)} configurations run on every label.", "",
+            "| PB90 | PB80 | PB70 | PB60 |", "|---|---|---|---|",
+            "| " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " |", ""]
+
+
+def model_lines(model, runs, out_dir):
+    mine = [r for r in runs if r["model"] == model]
+    lines = [f"## Model `{model}`", ""]
+    for kind in ("accuracy", "text"):
+        labels = sorted({r["label"] for r in mine if r["kind"] == kind})
+        if not labels:
+            continue
+        cells, counts, rows = choose_runs([r for r in mine if r["kind"] == kind])
+        lines += leaderboard_lines(kind, labels, mine, cells, counts, rows)
+        lines += pareto_sections(kind, model, mine, runs, cells, out_dir)
+        if kind == "accuracy":
+            lines += all_labels_pbx_lines(labels, rows, cells)
+    return lines
+
+
+def csv_rows(model, mine):
+    return [dict(model=model, label=r["label"], decoder=r["decoder"], method_type=r["type"], rep_param=r["rep_name"], rep_value=r["rep"],
+                 params=json.dumps(r["params"], default=str), scorer_lm=r["scorer_lm"], metric=r["metric"],
+                 score=r["score"], avg_steps=r["avg_steps"], tokens_per_step=r["tokens_per_forward"],
+                 tps=r["pb_tps"], n_samples=r["n"], run_dir=r["dir"],
+                 fingerprint=r["fingerprint"])
+            for r in sorted(mine, key=lambda r: (r["label"], row_sort(r), r["dir"]))]
+
+
+def write_report(results_dir, out, label_defaults, run_keys):
+    """report.md (+ report.csv and pareto_<label>.png) for every summary.json under results_dir.
+    label_defaults: {label: its settings}, to tell which settings a run changed."""
+    runs, problems = collect_runs(results_dir, label_defaults, run_keys)
+    if not runs:
+        raise ValueError(f"no run with a readable summary.json under {results_dir!r}")
+    out = out or os.path.join(results_dir, "report.md")
+    out_dir = os.path.dirname(os.path.abspath(out))
+    lines, rows = header_lines(results_dir, runs, problems), []
+    for model in sorted({r["model"] for r in runs}):
+        lines += model_lines(model, runs, out_dir)
+        rows += csv_rows(model, [r for r in runs if r["model"] == model])
+    with open(out, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    with open(os.path.splitext(out)[0] + ".csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out, len(runs)
