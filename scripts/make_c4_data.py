@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build data/c4_continuation.jsonl from the shared C4 validation file (protocol.md §10.1).
+"""Build data/c4_continuation.jsonl from a C4 validation file (docs/protocol.md §10.1).
 
 Selection, in file order:
   * tokenise `text` with the GPT-2 tokenizer in data/gpt2_tokenizer/ (no special tokens added);
@@ -11,9 +11,11 @@ Selection, in file order:
      "prefix": decode(ids[:32]), "reference": decode(ids[32:256])}.
 
 Usage (from the repository root):
-    python scripts/make_c4_data.py [SOURCE_JSONL] [--out data/c4_continuation.jsonl]
+    python scripts/make_c4_data.py SOURCE_JSONL [--out data/c4_continuation.jsonl]
 
-SOURCE_JSONL defaults to ../shared/data/c4_validation_1000.jsonl relative to the repository root.
+SOURCE_JSONL: C4 documents as JSON Lines; data/c4_continuation.jsonl was built from the first 1,000
+rows of validation/c4_validation_2k.parquet in the hub dataset yxanul/yxanul_0.6B (data/SOURCES.md
+gives the commit and sha256).
 The script prints the skipped (eligible but unclean) file indices and the kept index range.
 """
 import argparse
@@ -65,8 +67,7 @@ def select(lines, tok, n_docs=N_DOCS):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("source", nargs="?",
-                    default=os.path.join(REPO_ROOT, "..", "shared", "data", "c4_validation_1000.jsonl"))
+    ap.add_argument("source", help="C4 validation documents as JSON Lines (field `text`)")
     ap.add_argument("--out", default=os.path.join(REPO_ROOT, "data", "c4_continuation.jsonl"))
     args = ap.parse_args(argv)
 

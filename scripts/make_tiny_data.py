@@ -918,7 +918,7 @@ TOKENIZER_CODE_DOCS = 8_000
 TEXT_TOKENIZER_WEIGHT = 20   # repeat the (small) text set so English gets its share of merges
 PROMPT_TOKENIZER_WEIGHT = 2000  # system prompts and role names: part of every chat input
 
-# Same structure as LLaDA-8B-Instruct's template (models.md section 2.4): BOS once (in front of
+# Same structure as LLaDA-8B-Instruct's template (its tokenizer_config.json chat_template): BOS once (in front of
 # the first message), one header block per message with trimmed content, and the assistant
 # header always appended.
 CHAT_TEMPLATE = (

