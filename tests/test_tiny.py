@@ -9,6 +9,7 @@ import time
 import custom_demask_eval as cde
 from conftest import REPO
 
+
 def test_bundled_model_loads_fast():
     start = time.time()
     model = cde.load_model(cde.TINY, device="cpu")
