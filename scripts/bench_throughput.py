@@ -26,6 +26,7 @@ from functools import partial
 from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
@@ -122,7 +123,25 @@ def decode(model, batch, args, decoder):
 
 
 def run(model, batch, args):
-    return sum(decode(model, batch, args, cde.TopKDecoder(model.mask_id, score="confidence"))[1])
+    decoder = cde.TopKDecoder(model.mask_id, temperature=args.temperature, top_p=args.top_p, score="confidence")
+    return sum(decode(model, batch, args, decoder)[1])
+
+
+def bare_forward_ms(model, batch, args, n=16):
+    """ms per forward of the network alone on the batch's first decoding state, the queries of one
+    block as the decoder asks for them: what a decoder's own work is compared with."""
+    ids, mask = cde.left_pad(batch, model.pad_id)
+    P = ids.shape[1]
+    x = F.pad(ids, (0, args.gen_length), value=model.mask_id).to(model.device)
+    key_mask = None if mask.all() else F.pad(mask, (0, args.gen_length), value=True).to(model.device)
+    query = (P + torch.arange(args.block_length, device=model.device)).expand(len(batch), -1)
+    model.logits(x, key_mask, None, query)
+    sync(args.device)
+    start = time.perf_counter()
+    for _ in range(n):
+        model.logits(x, key_mask, None, query)
+    sync(args.device)
+    return 1000 * (time.perf_counter() - start) / n
 
 
 def invariance(model, family, n, batch_size, args):
@@ -213,8 +232,11 @@ def bench(model, family, batch_size, args):
     sync(args.device)
     seconds = time.perf_counter() - start
     rate = sample_forwards / seconds
-    return dict(model=family, batch=batch_size, samples=sum(map(len, batches)),
-                ms_per_forward=1000 * seconds / model.calls, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
+    calls = model.calls
+    bare = sum(bare_forward_ms(model, batch, args) for batch in batches) / len(batches)
+    return dict(model=family, batch=batch_size, samples=sum(map(len, batches)), temperature=args.temperature,
+                top_p=args.top_p, ms_per_forward=1000 * seconds / calls, bare_ms_per_forward=bare,
+                decode_over_bare=1000 * seconds / calls / bare, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
                 padding_share=1 - model.flops / model.padded_flops,
                 bound_fraction=model.flops / seconds / PEAK,
                 projected_minutes=500 * args.steps / rate / 60)
@@ -230,6 +252,8 @@ def main():
     p.add_argument("--gen_length", type=int, default=256)
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--block_length", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="the decoder's token choice (Dream: with top_p)")
+    p.add_argument("--top_p", type=float)
     p.add_argument("--eager", action="store_true", help="plain eager forward (no compiled blocks, no CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="also profile the largest batch size's kernels")
     p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
