@@ -1,0 +1,388 @@
+"""End-to-end benchmark: random-weight checkpoints on disk, label scripts run as a user runs them.
+
+    python scripts/bench_e2e.py --json benchmarks/h200_e2e.json     # GPU: llada-math, dream-math, dream-humaneval
+    python scripts/bench_e2e.py --labels llada-math --limit 64 --extra "--decoder klass --batch_size 16"
+    python scripts/bench_e2e.py --shapes tiny --limit 2 --device cpu  # CPU smoke test of the same path
+
+Per model family, in the order --labels first names them, the script
+1. writes a random-weight checkpoint in the hub's on-disk layout to <workdir>/<family>-<shapes>: the
+   real config.json; bf16 safetensors sharded exactly per the real model.safetensors.index.json
+   (tests/fixtures/model_files), each shard generated on --device (randn * 0.02, norms 1), moved to
+   the CPU and written with save_file before the next one is made; Dream's real tokenizer files; for
+   LLaDA a stand-in tokenizer with LLaDA's 126,349 ids: Qwen2's byte-level BPE (Dream's vocab.json /
+   merges.txt) cut to its first 126,080 tokens, then LLaDA's added tokens at their ids
+   (<|startoftext|> 126080, <|endoftext|> 126081, <|mdm_mask|> 126336, <|start_header_id|> 126346,
+   <|end_header_id|> 126347, <|eot_id|> 126348, the reserved ones) and LLaDA's chat template. It gives
+   the MATH-500 prompts exactly the token counts of data/math500_prompt_lengths.json, so forwards
+   have the lengths of a real run;
+2. runs each of its labels' scripts as a subprocess, as a user does: `MODEL_PATH=<checkpoint>
+   LIMIT=<limit> bash scripts/<label>.sh --results_dir <workdir>/results --device <device> <extra>`,
+   its output in <workdir>/<label>.log;
+3. deletes the checkpoint (unless --keep) before the next family's: the real ones are 16.0 GB
+   (LLaDA) and 15.2 GB (Dream).
+
+Reported per label (a table on stdout; --json also writes it with the checkpoints and environment):
+- s/sample, the steady state: the `seconds` of the samples.jsonl records (their batch's decode and
+  judge time over its size) averaged over every batch but the first; records of one batch share a
+  seed (the run seed + the index of the batch's first sample);
+- warm-up: wall-clock time from the process start to the first batch's records in samples.jsonl
+  (polled every 0.1 s), less that batch's size times s/sample: imports, data, checkpoint load and
+  the first batch's compilation and CUDA-graph captures;
+- peak GPU GB: summary.json's environment.gpu_peak_memory_gb ("n/a" where absent);
+- wall s: the whole subprocess; decoder and avg_steps from summary.json. Random weights give
+  near-uniform logits, so a decoder that stops early on confidence behaves otherwise than on the
+  real models: read each row together with its decoder and avg_steps;
+- projected min for the full label = (warm-up + n_full * s/sample) / 60, n_full = the label's
+  sample count (500 for MATH, 164 for HumanEval).
+The default --limit 16 is two batches of 8 per label (one warm-up, one steady); larger limits give
+more steady batches but, at about 2.4 s per sample at B=8, --limit 64 on three labels takes longer
+than 10 minutes: then run the families as separate commands.
+
+--shapes tiny writes checkpoints of the same families, vocabularies and tokenizers, but 2 layers of
+width 64, sharded in the index's style (model-0000k-of-0000n.safetensors, at most as many shards as
+the real index) from the parameter names of models.py's network for that config; its default
+--extra (batch 1, gen / steps / block 16, greedy) runs three labels of 2 samples on 2 CPU cores in
+about a minute.
+"""
+import argparse
+import glob
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import custom_demask_eval as cde  # noqa: E402
+import models  # noqa: E402
+
+MODEL_FILES = os.path.join(REPO, "tests", "fixtures", "model_files")
+REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b"}
+FAMILIES = {cde.LLADA: "llada", cde.DREAM: "dream"}
+DREAM_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
+                         "special_tokens_map.json")
+TINY_SIZES = {
+    "llada": dict(d_model=64, n_heads=4, n_kv_heads=4, mlp_hidden_size=128, n_layers=2),
+    "dream": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  num_hidden_layers=2),
+}
+DEFAULT_EXTRA = {"real": "--decoder confidence_greedy --batch_size 8",
+                 "tiny": "--decoder confidence_greedy --batch_size 1 --gen_length 16 --steps 16 --block_length 16 "
+                         "--temperature 0 --top_p 1"}
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+POLL_S = 0.1
+
+# ---------------------------------------------------------------------------
+# Configs and the shard plan
+
+
+def real_file(family, name):
+    return os.path.join(MODEL_FILES, REAL_FOLDERS[family], name)
+
+
+def model_config(family, shapes):
+    config = json.load(open(real_file(family, "config.json")))
+    return {**config, **TINY_SIZES[family]} if shapes == "tiny" else config
+
+
+def parameter_shapes(family, config):
+    """{name: (shape, is_norm)} of models.py's network for `config`, built on the meta device."""
+    with torch.device("meta"):
+        net = models.MODEL_CLASSES[family](config)
+    norms = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, models.RMSNorm)}
+    return {k: (tuple(v.shape), k in norms) for k, v in net.state_dict().items()}
+
+
+def shard_keys(sizes, n):
+    """Keys in order, cut into at most n contiguous shards of about equal bytes, named as the hub names them."""
+    total, done, shards = sum(sizes.values()), 0, [[] for _ in range(n)]
+    for key, size in sizes.items():
+        shards[min(n - 1, done * n // total)].append(key)
+        done += size
+    shards = [s for s in shards if s]
+    return {key: f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, s in enumerate(shards) for key in s}
+
+
+def shard_plan(family, config, shapes):
+    """The index {metadata, weight_map}: the real index for the real config, else the scaled
+    network's own names sharded in the same style into as many files."""
+    real = json.load(open(real_file(family, "model.safetensors.index.json")))
+    sizes = {k: 2 * torch.Size(shape).numel() for k, (shape, _) in shapes.items()}  # bf16
+    if config == model_config(family, "real"):
+        if set(real["weight_map"]) != set(sizes) or real["metadata"]["total_size"] != sum(sizes.values()):
+            raise SystemExit(f"{family}: models.py's parameters do not match the real index")
+        return real
+    n = len(set(real["weight_map"].values()))
+    return dict(metadata=dict(total_size=sum(sizes.values())), weight_map=dict(sorted(shard_keys(sizes, n).items())))
+
+# ---------------------------------------------------------------------------
+# Writing a checkpoint
+
+
+def random_tensor(shape, is_norm, device):
+    if is_norm:
+        return torch.ones(shape, dtype=torch.bfloat16, device=device)
+    return torch.randn(shape, dtype=torch.bfloat16, device=device).mul_(0.02)
+
+
+def write_weights(folder, shapes, index, device):
+    """Each shard generated on `device`, moved to the CPU and written; one shard in memory at a time."""
+    from safetensors.torch import save_file
+    files = sorted(set(index["weight_map"].values()))
+    for name in files:
+        keys = [k for k in shapes if index["weight_map"][k] == name]
+        shard = {k: random_tensor(*shapes[k], device).cpu() for k in keys}
+        save_file(shard, os.path.join(folder, name), metadata={"format": "pt"})
+        del shard
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return files
+
+
+def llada_tokenizer():
+    """A stand-in with LLaDA's ids: Qwen2's BPE below LLaDA's first added token, the added tokens
+    of LLaDA's tokenizer_config.json at their ids, LLaDA's special-token names and chat template."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    import transformers
+    llada = json.load(open(real_file("llada", "tokenizer_config.json")))
+    added = {int(i): t for i, t in llada["added_tokens_decoder"].items()}
+    first = min(added)
+    qwen = json.load(open(real_file("dream", "vocab.json")))
+    vocab = {t: i for t, i in qwen.items() if i < first}
+    with open(real_file("dream", "merges.txt"), encoding="utf-8") as f:
+        merges = [tuple(line.rstrip("\n").split(" ")) for line in f if not line.startswith("#version")]
+    merges = [m for m in merges if m[0] + m[1] in vocab]
+    vocab.update({t["content"]: i for i, t in added.items()})
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise SystemExit("stand-in LLaDA tokenizer: ids are not contiguous")
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t["content"], special=t["special"], normalized=False)
+                            for _, t in sorted(added.items())])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=llada["bos_token"], eos_token=llada["eos_token"],
+        pad_token=llada["pad_token"], chat_template=llada["chat_template"], clean_up_tokenization_spaces=False)
+
+
+def write_tokenizer(folder, family):
+    if family == "llada":
+        llada_tokenizer().save_pretrained(folder)
+        return
+    for name in DREAM_TOKENIZER_FILES:
+        shutil.copy(real_file(family, name), folder)
+
+
+def write_checkpoint(folder, family, shapes_mode, device, seed):
+    """The checkpoint folder (config, index, shards, tokenizer); returns what was written and how long it took."""
+    start = time.time()
+    config = model_config(family, shapes_mode)
+    shapes = parameter_shapes(family, config)
+    index = shard_plan(family, config, shapes)
+    shutil.rmtree(folder, ignore_errors=True)
+    free = shutil.disk_usage(os.path.dirname(folder)).free
+    if free < 1.05 * index["metadata"]["total_size"]:
+        raise SystemExit(f"{family}: {index['metadata']['total_size'] / 1e9:.1f} GB to write, "
+                         f"{free / 1e9:.1f} GB free under {os.path.dirname(folder)}")
+    os.makedirs(folder)
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
+    json.dump(index, open(os.path.join(folder, "model.safetensors.index.json"), "w"), indent=2)
+    torch.manual_seed(seed)
+    files = write_weights(folder, shapes, index, device)
+    write_tokenizer(folder, family)
+    seconds = time.time() - start
+    print(f"{family}: wrote {len(files)} shards, {index['metadata']['total_size'] / 1e9:.2f} GB bf16, "
+          f"in {seconds:.1f} s ({folder})", flush=True)
+    return dict(path=folder, shapes=shapes_mode, shards=len(files), bytes=index["metadata"]["total_size"],
+                write_seconds=round(seconds, 2))
+
+# ---------------------------------------------------------------------------
+# Running a label and reading its run directory
+
+
+def label_family(label):
+    family = FAMILIES.get(cde.LABELS.get(label, {}).get("model"))
+    if family is None:
+        raise SystemExit(f"{label!r}: not a label of LLaDA-8B-Instruct or Dream-v0-Instruct-7B")
+    return family
+
+
+def full_size(label):
+    return len(cde.TASKS[cde.LABELS[label]["task"]]().load(cde.LABELS[label]))
+
+
+def run_files(results, label):
+    return glob.glob(os.path.join(results, label, "*", "samples.jsonl"))
+
+
+def python_shim(workdir):
+    """A folder whose `python` runs this interpreter, put first on the scripts' PATH: the label
+    scripts call `python`, which a machine may lack (only python3) or resolve to another one."""
+    folder = os.path.join(workdir, "bin")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "python")
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    os.chmod(path, 0o755)
+    return folder
+
+
+def run_script(label, model_dir, results, args, log):
+    """The label's script as a user runs it; returns (exit code, s to the first batch written or None, wall s)."""
+    script = os.path.join(REPO, "scripts", label.replace("-", "_") + ".sh")
+    env = dict(os.environ, MODEL_PATH=model_dir, LIMIT=str(args.limit), HF_HUB_OFFLINE="1",
+               PATH=python_shim(args.workdir) + os.pathsep + os.environ.get("PATH", ""))
+    command = ["bash", script, "--results_dir", results, "--device", args.device, *shlex.split(args.extra)]
+    first = None
+    start = time.time()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            if first is None and any(os.path.getsize(p) for p in run_files(results, label)):
+                first = time.time() - start
+            time.sleep(POLL_S)
+    return proc.returncode, first, time.time() - start
+
+
+def batches(records):
+    """Records grouped into their batches (consecutive records of one seed)."""
+    groups = []
+    for r in records:
+        if groups and groups[-1][0]["seed"] == r["seed"]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def timing(records, first_done, n_full):
+    """Steady s/sample (all batches but the first), warm-up s and projected minutes (None where unknown)."""
+    groups = batches(records)
+    rest = [r for g in groups[1:] for r in g]
+    steady = sum(r["seconds"] for r in rest) / len(rest) if rest else None
+    warm = first_done - len(groups[0]) * steady if steady is not None and first_done is not None else None
+    projected = (warm + n_full * steady) / 60 if warm is not None else None
+    return dict(steady_s_per_sample=rounded(steady, 4), warmup_s=rounded(warm, 2),
+                first_batch_done_s=rounded(first_done, 2), first_batch_size=len(groups[0]) if groups else 0,
+                steady_samples=len(rest), projected_min=rounded(projected, 2))
+
+
+def rounded(value, digits):
+    return None if value is None else round(value, digits)
+
+
+def bench_label(label, checkpoint, args):
+    results = os.path.join(args.workdir, "results")
+    log = os.path.join(args.workdir, f"{label}.log")
+    shutil.rmtree(os.path.join(results, label), ignore_errors=True)
+    print(f"{label}: running (log {log})", flush=True)
+    rc, first_done, wall = run_script(label, checkpoint, results, args, log)
+    row = dict(label=label, rc=rc, wall_s=round(wall, 2), log=log, extra=args.extra)
+    files = run_files(results, label)
+    if rc != 0 or len(files) != 1:
+        tail = open(log).read().splitlines()[-15:]
+        print(f"{label}: FAILED (exit {rc}); last lines of {log}:\n  " + "\n  ".join(tail), flush=True)
+        return dict(row, error=f"exit {rc}")
+    run_dir = os.path.dirname(files[0])
+    records = [json.loads(line) for line in open(files[0])]
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    task = cde.TASKS[summary["config"]["task"]]
+    row["n_full"] = full_size(label)
+    row.update(run_dir=run_dir, model=summary["config"]["model"], decoder=summary["decoder"],
+               batch_size=summary["config"]["batch_size"], n=len(records), avg_steps=summary["metrics"]["avg_steps"],
+               metric=task.final, metric_value=summary["metrics"][task.final],
+               peak_gpu_gb=summary.get("environment", {}).get("gpu_peak_memory_gb"),
+               **timing(records, first_done, row["n_full"]))
+    print(format_row(row), flush=True)
+    return row
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+COLUMNS = [("label", "label", "{}"), ("decoder", "decoder", "{}"), ("B", "batch_size", "{}"), ("n", "n", "{}"),
+           ("avg_steps", "avg_steps", "{:.1f}"), ("s/sample", "steady_s_per_sample", "{:.3f}"),
+           ("warm-up s", "warmup_s", "{:.1f}"), ("peak GPU GB", "peak_gpu_gb", "{:.1f}"),
+           ("wall s", "wall_s", "{:.1f}"), ("full n", "n_full", "{}"), ("projected min", "projected_min", "{:.1f}")]
+
+
+def cells(row):
+    if "error" in row:
+        return [row["label"], f"FAILED ({row['error']})"] + [""] * (len(COLUMNS) - 2)
+    return [fmt.format(row[key]) if row.get(key) is not None else "n/a" for _, key, fmt in COLUMNS]
+
+
+def format_row(row):
+    return "  ".join(f"{h}={c}" for (h, _, _), c in zip(COLUMNS, cells(row)))
+
+
+def table(rows):
+    lines = [[h for h, _, _ in COLUMNS]] + [cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
+    return "\n".join("| " + " | ".join(c.ljust(w) for c, w in zip(line, widths)) + " |" for line in lines)
+
+
+def environment(args):
+    import transformers
+    gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else None
+    return dict(device=args.device, gpu=gpu, torch=torch.__version__, transformers=transformers.__version__,
+                shapes=args.shapes, limit=args.limit, extra=args.extra, labels=args.labels)
+
+
+def write_json(path, env, checkpoints, rows):
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        json.dump(dict(env=env, checkpoints=checkpoints, rows=rows), open(path, "w"), indent=2)
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--labels", default="llada-math,dream-math,dream-humaneval",
+                   help="comma-separated LLaDA-8B / Dream-7B labels, grouped by family in this order")
+    p.add_argument("--limit", type=int, default=16, help="samples per label (LIMIT)")
+    p.add_argument("--extra", help="arguments passed to every label script; one flag alone: --extra=--flag (default: "
+                   + "; ".join(f"{k}: {v!r}" for k, v in DEFAULT_EXTRA.items()) + ")")
+    p.add_argument("--shapes", choices=["real", "tiny"], default="real",
+                   help="real LLaDA-8B / Dream-7B shapes, or tiny ones for a CPU smoke test")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the weights are generated; also passed to the labels")
+    p.add_argument("--workdir", default="/tmp/e2e", help="checkpoints, run directories and logs")
+    p.add_argument("--json", help="also write the table, checkpoints and environment here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints (default: delete each after its labels)")
+    args = p.parse_args(argv)
+    args.extra = DEFAULT_EXTRA[args.shapes] if args.extra is None else args.extra
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    labels = args.labels.split(",")
+    families = list(dict.fromkeys(label_family(label) for label in labels))
+    os.makedirs(args.workdir, exist_ok=True)
+    env, checkpoints, rows = environment(args), {}, []
+    for family in families:
+        folder = os.path.join(args.workdir, f"{family}-{args.shapes}")
+        try:
+            checkpoints[family] = write_checkpoint(folder, family, args.shapes, args.device, args.seed)
+            for label in (label for label in labels if label_family(label) == family):
+                rows.append(bench_label(label, folder, args))
+                write_json(args.json, env, checkpoints, rows)
+        finally:
+            if not args.keep:
+                shutil.rmtree(folder, ignore_errors=True)
+    print(table(rows))
+    write_json(args.json, env, checkpoints, rows)
+    return 1 if any("error" in r for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

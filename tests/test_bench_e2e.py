@@ -1,0 +1,142 @@
+"""scripts/bench_e2e.py: checkpoints in the hub's layout, label scripts run as subprocesses, the table."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "scripts"))
+import bench_e2e  # noqa: E402
+import custom_demask_eval as cde  # noqa: E402
+import models  # noqa: E402
+
+LABELS = ["llada-math", "dream-math", "dream-humaneval"]
+
+
+def run_bench(workdir, *args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_e2e.py"), "--shapes", "tiny",
+                           "--device", "cpu", "--workdir", str(workdir), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e")
+    out = run_bench(workdir, "--limit", "2", "--keep", "--json", str(workdir / "e2e.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return workdir, out.stdout, json.load(open(workdir / "e2e.json"))
+
+# ---------------------------------------------------------------------------
+# The whole path on CPU
+
+
+def test_table_has_every_label(tiny_run):
+    _, stdout, report = tiny_run
+    table = stdout[stdout.index("| label"):].splitlines()
+    assert "s/sample" in table[0] and "projected min" in table[0]
+    assert [line.split("|")[1].strip() for line in table[1:]] == LABELS
+    assert all("n/a" in line for line in table[1:])  # no GPU: no peak memory
+    assert [r["label"] for r in report["rows"]] == LABELS
+    assert report["env"]["shapes"] == "tiny" and report["env"]["limit"] == 2
+
+
+def test_rows_come_from_the_checkpoints_and_add_up(tiny_run):
+    _, _, report = tiny_run
+    for row in report["rows"]:
+        family = bench_e2e.label_family(row["label"])
+        assert row["rc"] == 0 and "error" not in row
+        assert row["model"] == report["checkpoints"][family]["path"]  # loaded through --model_path
+        assert row["decoder"] == "confidence_greedy" and row["batch_size"] == 1
+        assert row["n"] == 2 and row["avg_steps"] == 16.0
+        assert row["first_batch_size"] == 1 and row["steady_samples"] == 1
+        assert row["steady_s_per_sample"] > 0 and row["peak_gpu_gb"] is None
+        assert 0 < row["first_batch_done_s"] < row["wall_s"]
+        assert row["n_full"] == {"llada-math": 500, "dream-math": 500, "dream-humaneval": 164}[row["label"]]
+        projected = (row["warmup_s"] + row["n_full"] * row["steady_s_per_sample"]) / 60
+        assert row["projected_min"] == pytest.approx(projected, abs=0.01)
+        assert os.path.exists(row["log"])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_checkpoint_is_sharded_per_its_index(tiny_run, family):
+    from safetensors import safe_open
+    workdir, _, report = tiny_run
+    folder = report["checkpoints"][family]["path"]
+    config = json.load(open(os.path.join(folder, "config.json")))
+    assert config == bench_e2e.model_config(family, "tiny")
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    with torch.device("meta"):
+        names = models.MODEL_CLASSES[family](config).state_dict()
+    assert set(index["weight_map"]) == set(names)
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) == report["checkpoints"][family]["shards"] > 1
+    assert files == [f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)]
+    total = 0
+    for name in files:
+        with safe_open(os.path.join(folder, name), framework="pt") as f:
+            assert set(f.keys()) == {k for k, v in index["weight_map"].items() if v == name}
+            for key in f.keys():
+                t = f.get_tensor(key)
+                assert t.dtype == torch.bfloat16 and t.shape == names[key].shape
+                total += 2 * t.numel()
+                if key.endswith("norm.weight") or key.endswith("ln_f.weight"):
+                    assert bool((t == 1).all())
+                elif t.numel() > 1000:
+                    assert t.float().std().item() == pytest.approx(0.02, rel=0.1)
+    assert total == index["metadata"]["total_size"]
+
+
+def test_failed_label_is_reported(tmp_path):
+    out = run_bench(tmp_path, "--labels", "llada-math", "--limit", "1", "--extra", "--gen_length 16 --block_length 5")
+    assert out.returncode == 1
+    assert "FAILED (exit 2)" in out.stdout and "not divisible" in out.stdout
+    assert not os.path.exists(tmp_path / "llada-tiny")  # deleted without --keep
+
+# ---------------------------------------------------------------------------
+# Pieces
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_real_config_reuses_the_real_index(family):
+    config = bench_e2e.model_config(family, "real")
+    index = bench_e2e.shard_plan(family, config, bench_e2e.parameter_shapes(family, config))
+    assert index == json.load(open(bench_e2e.real_file(family, "model.safetensors.index.json")))
+
+
+def test_shard_keys_are_contiguous_and_named_like_the_hub():
+    sizes = {"a": 100, "b": 1, "c": 1, "d": 100, "e": 100}
+    shards = bench_e2e.shard_keys(sizes, 3)
+    assert shards == {"a": "model-00001-of-00003.safetensors", "b": "model-00001-of-00003.safetensors",
+                      "c": "model-00002-of-00003.safetensors", "d": "model-00002-of-00003.safetensors",
+                      "e": "model-00003-of-00003.safetensors"}  # by each key's starting byte
+    assert set(bench_e2e.shard_keys({"a": 1}, 6).values()) == {"model-00001-of-00001.safetensors"}
+
+
+def test_llada_stand_in_tokenizer(tmp_path):
+    bench_e2e.llada_tokenizer().save_pretrained(tmp_path)
+    tok = models.load_tokenizer(str(tmp_path), "llada")
+    assert len(tok) == 126349
+    ids = {"<|mdm_mask|>": 126336, "<|endoftext|>": 126081, "<|eot_id|>": 126348, "<|startoftext|>": 126080,
+           "<|start_header_id|>": 126346, "<|end_header_id|>": 126347}
+    assert {t: tok.convert_tokens_to_ids(t) for t in ids} == ids
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (126080, 126081, 126081)
+    chat = cde.encode_chat(tok, [{"role": "user", "content": " hi "}])
+    assert tok.decode(chat) == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+                                "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert tok.decode(chat, skip_special_tokens=True) == "user\n\nhiassistant\n\n"
+    lengths = json.load(open(os.path.join(REPO, "data", "math500_prompt_lengths.json")))["llada"]
+    problems = cde.MathTask().load(cde.LABELS["llada-math"])[:50]
+    assert [len(cde.encode_chat(tok, p["messages"])) for p in problems] == lengths[:50]
+
+
+def test_timing_skips_the_first_batch():
+    records = [dict(seed=1, seconds=9.0)] * 2 + [dict(seed=3, seconds=1.0)] * 2 + [dict(seed=5, seconds=2.0)] * 2
+    t = bench_e2e.timing(records, first_done=30.0, n_full=100)
+    assert t["steady_s_per_sample"] == 1.5 and t["steady_samples"] == 4 and t["first_batch_size"] == 2
+    assert t["warmup_s"] == 27.0 and t["projected_min"] == pytest.approx((27 + 150) / 60, abs=0.01)
+    alone = bench_e2e.timing(records[:2], first_done=30.0, n_full=100)
+    assert alone["steady_s_per_sample"] is None and alone["warmup_s"] is None and alone["projected_min"] is None
