@@ -74,26 +74,32 @@ def propose_tokens(logits, temperature, top_p, family, model=None):
     return tokens, p, torch.gather(q, -1, tokens[..., None]).squeeze(-1)
 
 
-TOP_P_CANDIDATES = 64
+TOP_P_CANDIDATES = (64, 2048)
 
 
 def top_p_tokens(scaled, top_p, sample):
     """Dream's top-p (nucleus) choice without sorting the whole vocabulary: a token of rank r is kept
-    when the mass of the r - 1 tokens above it is <= top_p, so once the best TOP_P_CANDIDATES hold
-    more than top_p no token below them is kept. Rows where they hold less are sorted in full.
-    Returns (tokens, their probability under the renormalised nucleus)."""
+    when the mass of the r - 1 tokens above it is <= top_p, so once the best K tokens hold more than
+    top_p no token below them is kept. Rows are tried with the best 64, then 2,048 candidates; rows
+    whose candidates still hold less are sorted in full. Returns (tokens, their probability under
+    the renormalised nucleus)."""
     rows = scaled.flatten(0, -2)
     log_norm = torch.logsumexp(rows, dim=-1, keepdim=True)
-    top, index = rows.topk(min(TOP_P_CANDIDATES, rows.shape[-1]), dim=-1)
-    q = torch.exp(top - log_norm)
-    short = q.sum(-1) <= top_p
     tokens = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
     conf = torch.empty(rows.shape[0], dtype=rows.dtype, device=rows.device)
-    if (~short).any():
-        tokens[~short], conf[~short] = nucleus_choice(q[~short], index[~short], top_p, sample)
-    if short.any():
-        ordered, order = rows[short].sort(dim=-1, descending=True)
-        tokens[short], conf[short] = nucleus_choice(torch.exp(ordered - log_norm[short]), order, top_p, sample)
+    todo = torch.arange(rows.shape[0], device=rows.device)
+    for k in (*TOP_P_CANDIDATES, rows.shape[-1]):
+        if k >= rows.shape[-1]:
+            top, index = rows[todo].sort(dim=-1, descending=True)
+        else:
+            top, index = rows[todo].topk(k, dim=-1)
+        q = torch.exp(top - log_norm[todo])
+        enough = (q.sum(-1) > top_p) | (k >= rows.shape[-1])
+        done = todo[enough]
+        tokens[done], conf[done] = nucleus_choice(q[enough], index[enough], top_p, sample)
+        todo = todo[~enough]
+        if not len(todo):
+            break
     return tokens.view(scaled.shape[:-1]), conf.view(scaled.shape[:-1])
 
 

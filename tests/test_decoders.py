@@ -346,11 +346,13 @@ def full_sort_top_p(scaled, top_p, sample):
     return tokens, torch.gather(q, -1, tokens[..., None]).squeeze(-1), q
 
 
-@pytest.mark.parametrize("flat", [False, True], ids=["peaked", "flat-fallback"])
-def test_top_p_without_full_sort_samples_the_same_nucleus(flat):
+@pytest.mark.parametrize("scale", [4.0, 2.0, 0.01], ids=["16-candidates", "one-row-each-way", "full-sort"])
+def test_top_p_without_full_sort_samples_the_same_nucleus(scale, monkeypatch):
+    """With candidates (16, 64) of 300: the top 16 suffice at scale 4; at scale 2 one row needs the
+    full sort and the other the top 64 (top_p 0.9); at 0.01 both rows are sorted in full."""
     torch.manual_seed(0)
-    scale = 0.01 if flat else 4.0  # flat: the best 64 of 300 hold less than top_p, the rows are sorted in full
     scaled = (scale * torch.randn(2, 300)).to(torch.float64)
+    monkeypatch.setattr(decoders, "TOP_P_CANDIDATES", (16, 64))
     _, _, nucleus = full_sort_top_p(scaled, 0.9, sample=False)
     draws = torch.stack([decoders.top_p_tokens(scaled, 0.9, sample=True)[0] for _ in range(4000)])
     for row in range(2):
