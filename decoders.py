@@ -47,14 +47,30 @@ def clean_confidence(p, tokens):
     return torch.gather(p, -1, tokens[..., None]).squeeze(-1)
 
 
+def dream_proposal(logits, temperature, top_p):
+    """Dream's sample_tokens (Dream-org/Dream generation_utils.py): softmax(logits / temperature),
+    top-p over the whole sorted vocabulary, then a draw (temperature > 0) or the argmax. Returns
+    (tokens, that adjusted float64 distribution), for rules that read the whole distribution."""
+    scaled = logits.to(torch.float64) / temperature if temperature > 0 else logits.to(torch.float64)
+    q = F.softmax(scaled, dim=-1)
+    if top_p is not None and top_p < 1:
+        sorted_q, order = torch.sort(q, dim=-1, descending=True)
+        drop = sorted_q.cumsum(-1) - sorted_q > top_p
+        q = q.scatter(-1, order, sorted_q.masked_fill(drop, 0.0))
+        q = q / q.sum(-1, keepdim=True)
+    if temperature > 0:
+        return torch.multinomial(q.flatten(0, -2), 1).view(q.shape[:-1]), q
+    return torch.argmax(q, dim=-1), q
+
+
 def propose_tokens(logits, temperature, top_p, family, model=None):
     """Token choice. Returns (tokens, clean float64 probs, confidence). With `model`, ids that
     can never be committed are excluded from the choice (`choosable`).
 
     LLaDA style (ML-GSAI/LLaDA generate.py): Gumbel-max on the logits, confidence = clean
-    probability of the token. Dream style (Dream-org/Dream generation_utils.py sample_tokens):
+    probability of the token. Dream style (`dream_proposal`, with top-p through `top_p_tokens`):
     temperature, then top-p, then sample or argmax; confidence = probability of the drawn token
-    under that adjusted distribution.
+    under that adjusted distribution, which with `model` is renormalised over the committable ids.
     """
     p = F.softmax(logits.to(torch.float64), dim=-1)
     if model is not None:
@@ -62,15 +78,11 @@ def propose_tokens(logits, temperature, top_p, family, model=None):
     if family != "dream":
         tokens = torch.argmax(add_gumbel_noise(logits, temperature), dim=-1)
         return tokens, p, clean_confidence(p, tokens)
-    scaled = logits.to(torch.float64) / temperature if temperature > 0 else logits.to(torch.float64)
     if top_p is not None and top_p < 1:
+        scaled = logits.to(torch.float64) / temperature if temperature > 0 else logits.to(torch.float64)
         tokens, conf = top_p_tokens(scaled, top_p, temperature > 0)
         return tokens, p, conf
-    q = F.softmax(scaled, dim=-1)
-    if temperature > 0:
-        tokens = torch.multinomial(q.flatten(0, -2), 1).view(q.shape[:-1])
-    else:
-        tokens = torch.argmax(q, dim=-1)
+    tokens, q = dream_proposal(logits, temperature, top_p)
     return tokens, p, torch.gather(q, -1, tokens[..., None]).squeeze(-1)
 
 
@@ -709,3 +721,78 @@ register_method("prophet", ProphetDecoder, method_type="adaptive", representativ
 register_method("remdm", RemdmDecoder, method_type="remask", representative_param="eta", position_score="confidence",
                 summary="top-k plus re-masking of decoded window tokens (sigma cap or conf)",
                 reference="Wang et al. arXiv 2503.00307 (kuleshov-group/remdm)")
+
+
+# ---------------------------------------------------------------------------
+# Dream's own schedule
+
+DREAM_EPS = 1e-3  # Dream-v0-Instruct-7B generation_config.json
+
+
+def dream_fractions(steps):
+    """Dream's share of the masks left that step j unmasks, 1 - t[j+1] / t[j] with
+    t = linspace(1, eps, steps + 1), in float32 as Dream computes it; the last step takes all (1)."""
+    t = torch.linspace(1, DREAM_EPS, steps + 1)
+    fraction = 1 - t[1:] / t[:-1]
+    fraction[-1] = 1.0
+    return fraction
+
+
+def dream_counts(n, steps):
+    """Positions the top-k algorithms commit per step in a window of n masks: int(M_j * fraction_j),
+    M_j the masks left before step j (int() floors, so a step can commit none)."""
+    counts = []
+    for fraction in dream_fractions(steps):
+        counts.append(int((n - sum(counts)) * fraction))
+    return counts
+
+
+DREAM_ALGS = {"maskgit_plus": "confidence", "topk_margin": "margin", "entropy": "neg_entropy", "origin": None}
+
+
+class DreamScheduleDecoder(BlockDecoder):
+    """Dream's own sampler (Dream-org/Dream generation_utils.py, diffusion_generate), per window.
+
+    At step j of a window's s = steps_per_block steps, with M_j masks left in it: alg "maskgit_plus"
+    (probability of the proposed token), "topk_margin" (q1 - q2) or "entropy" (sum q ln q) commits
+    the int(M_j * (1 - t[j+1] / t[j])) best masked positions by that score (`dream_counts`); "origin"
+    commits each masked position independently with probability 1 - t[j+1] / t[j]; the last step
+    commits all that is left. A step can commit nothing (Dream spends the forward anyway), so NFE =
+    steps (origin can empty a window earlier). Tokens and q come from Dream's sample_tokens
+    (`dream_proposal`: temperature and top-p, no top-k) for every model family. Dream runs one
+    window over the whole generation; with block_length < gen_length the schedule runs in each
+    block with steps / blocks steps. M_j is the row's own count (Dream takes the batch mean, the
+    same while rows move in step). Default alg maskgit_plus; Dream's generation_config has origin.
+    """
+
+    def __init__(self, mask_id, temperature=0.0, top_p=None, alg="maskgit_plus"):
+        super().__init__(mask_id, temperature, top_p)
+        if alg not in DREAM_ALGS:
+            raise ValueError(f"dream_schedule alg is {', '.join(DREAM_ALGS)}; got {alg!r}")
+        self.alg = alg
+
+    def info(self, gen_length, steps, block_length):
+        if self.alg == "origin":
+            return dict(alg=self.alg, eps=DREAM_EPS, position_score="random (origin)")
+        counts = dream_counts(block_length, steps // (gen_length // block_length))
+        return dict(alg=self.alg, eps=DREAM_EPS, position_score=DREAM_ALGS[self.alg], empty_steps=counts.count(0),
+                    last_step_commits=counts[-1])
+
+    def start(self, batch):
+        batch.fraction = dream_fractions(batch.steps_per_block).to(batch.device)
+
+    def select(self, logits, candidates, k, step, batch):
+        tokens, q = dream_proposal(choosable(logits, batch.model), self.temperature, self.top_p)
+        fraction = batch.fraction[step.clamp(max=batch.steps_per_block - 1)]
+        if self.alg == "origin":
+            draw = torch.rand(candidates.shape, device=candidates.device)
+            return candidates & (draw < fraction[:, None]), tokens
+        n = (candidates.sum(1) * fraction).long()
+        conf = torch.gather(q, -1, tokens[..., None]).squeeze(-1)
+        return top_k_commit(POSITION_SCORES[DREAM_ALGS[self.alg]](q, tokens, conf), candidates, n), tokens
+
+
+register_method("dream_schedule", DreamScheduleDecoder, method_type="schedule", representative_param="k",
+                uses_steps=True, position_score="by alg: confidence (default), margin, neg_entropy, random (origin)",
+                summary="commit int(M * (1 - t_{j+1}/t_j)) positions per step, t = linspace(1, 1e-3, steps + 1)",
+                reference="Dream-org/Dream generation_utils.py (diffusion_generate)")

