@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(REPO, "scripts"))
 import bench_e2e  # noqa: E402
 import custom_demask_eval as cde  # noqa: E402
 import models  # noqa: E402
+import tasks  # noqa: E402
 
 LABELS = ["llada-math", "dream-math", "dream-humaneval"]
 
@@ -124,13 +125,13 @@ def test_llada_stand_in_tokenizer(tmp_path):
            "<|start_header_id|>": 126346, "<|end_header_id|>": 126347}
     assert {t: tok.convert_tokens_to_ids(t) for t in ids} == ids
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (126080, 126081, 126081)
-    chat = cde.encode_chat(tok, [{"role": "user", "content": " hi "}])
+    chat = tasks.encode_chat(tok, [{"role": "user", "content": " hi "}])
     assert tok.decode(chat) == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
                                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert tok.decode(chat, skip_special_tokens=True) == "user\n\nhiassistant\n\n"
     lengths = json.load(open(os.path.join(REPO, "data", "math500_prompt_lengths.json")))["llada"]
-    problems = cde.MathTask().load(cde.LABELS["llada-math"])[:50]
-    assert [len(cde.encode_chat(tok, p["messages"])) for p in problems] == lengths[:50]
+    problems = tasks.MathTask().load(cde.LABELS["llada-math"])[:50]
+    assert [len(tasks.encode_chat(tok, p["messages"])) for p in problems] == lengths[:50]
 
 
 def test_timing_skips_the_first_batch():
