@@ -646,8 +646,9 @@ def open_run_dir(run_dir, cfg, rank, world, message):
         torch.distributed.barrier()
 
 
-def evaluate(cfg, lm, task, samples, run_dir, started, rank=0, world=1):
-    """Evaluate one resolved configuration with a loaded model (main: once; a sweep: per configuration)."""
+def evaluate(cfg, lm, task, samples, run_dir, started, rank=0, world=1, show=True):
+    """Evaluate one resolved configuration with a loaded model (main: once; a sweep: per
+    configuration); `show` prints the final lines."""
     for s in samples:
         if "prompt_ids" not in s:
             s["prompt_ids"] = encode_prompt(lm, s)
@@ -660,7 +661,8 @@ def evaluate(cfg, lm, task, samples, run_dir, started, rank=0, world=1):
         records = merge_samples(run_dir, {s["id"] for s in samples})
         metrics = summarize(cfg, task, records, run_dir, lm, started)
         for name, value in metrics.items():
-            print(f"{name}_{cfg['label']}: {value:.4f}")
+            if show:
+                print(f"{name}_{cfg['label']}: {value:.4f}")
     if world > 1:
         torch.distributed.barrier()
     return metrics
@@ -752,10 +754,14 @@ def run_is_done(run_dir, cfg, n_samples):
 
 
 def sweep_plan(args):
+    """(cfg, run_dir) per configuration: the --sweep grid (or the one --decoder configuration)
+    times the --seeds."""
     try:
-        grid = parse_sweep(args.sweep)
+        grid = parse_sweep(args.sweep) if args.sweep else [(args.decoder or "default", parse_decoder_args(args.decoder_args))]
     except ValueError as e:
         fail(f"--sweep: {e}")
+    if args.seeds:
+        grid = [(decoder, dict(overrides, seed=seed)) for decoder, overrides in grid for seed in args.seeds]
     plan, seen = [], set()
     for decoder, overrides in grid:
         sub = argparse.Namespace(**vars(args))
@@ -778,8 +784,9 @@ def sweep_plan(args):
 
 
 def run_sweep(args):
-    """Evaluate every configuration of --sweep on one label with one model load. A configuration
-    whose run directory has a complete summary.json is skipped; one with samples is resumed."""
+    """Evaluate every configuration of --sweep and/or --seeds on one label with one model load. A
+    configuration whose run directory has a complete summary.json is skipped; one with samples is
+    resumed."""
     plan = sweep_plan(args)
     rank, world, device = distributed()
     task = TASKS[plan[0][0]["task"]]()
@@ -794,14 +801,50 @@ def run_sweep(args):
         if lm is None:
             lm = load_model(cfg["model"], device=device or cfg["device"])
         open_run_dir(run_dir, cfg, rank, world, f"sweep {i + 1}/{len(plan)}: run directory {run_dir}")
-        results.append((run_dir, evaluate(cfg, lm, task, samples, run_dir, time.time(), rank, world)))
+        results.append((run_dir, evaluate(cfg, lm, task, samples, run_dir, time.time(), rank, world,
+                                          show=not args.seeds)))
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
         for run_dir, metrics in results:
             shown = " ".join(f"{k}={v:.4f}" for k, v in (metrics or {}).items())
             print(f"sweep: {os.path.basename(run_dir)} {shown}")
+        if args.seeds:
+            return [aggregate_seeds(args, group) for group in seed_groups(plan, results)]
     return results
+
+
+def seed_groups(plan, results):
+    """The runs of each configuration over the seeds, in plan order."""
+    groups = {}
+    for (cfg, run_dir), (_, metrics) in zip(plan, results):
+        key = json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((cfg, run_dir, metrics))
+    return list(groups.values())
+
+
+def aggregate_seeds(args, group):
+    """seeds_summary.json (mean, sample std, min, max, n per metric) beside the seeds' run
+    directories, and the final lines: `<metric>_<label>: mean ± std`, then the plain mean."""
+    cfg, label = group[0][0], group[0][0]["label"]
+    stats = {}
+    for name in group[0][2]:
+        values = np.array([metrics[name] for _, _, metrics in group])
+        stats[name] = dict(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                           min=float(values.min()), max=float(values.max()), n=len(values))
+    name = sweep_run_name({k: v for k, v in cfg.items() if k != "seed"}, {}) + "-seeds"
+    folder = os.path.join(args.results_dir, label, name)
+    os.makedirs(folder, exist_ok=True)
+    summary = dict(label=label, decoder=cfg["decoder"], fingerprint=cfg["fingerprint"], seeds=args.seeds,
+                   runs=[os.path.relpath(run_dir, folder) for _, run_dir, _ in group], metrics=stats)
+    with open(os.path.join(folder, "seeds_summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"seeds: {folder}/seeds_summary.json", file=sys.stderr)
+    for metric, s in stats.items():
+        print(f"{metric}_{label}: {s['mean']:.4f} ± {s['std']:.4f}")
+    for metric, s in stats.items():
+        print(f"{metric}_{label}: {s['mean']:.4f}")
+    return stats
 
 # ---------------------------------------------------------------------------
 # Command line
@@ -840,6 +883,7 @@ def parse_args(argv):
     p.add_argument("--sweep", help="many configurations of the label, one model load, resumable: "
                    "'threshold:alg_threshold=0.7,0.9;factor:alg_factor=1,2,block_length=32,64;klass' "
                    "(cartesian product per decoder; keys are decoder parameters or run settings such as steps)")
+    p.add_argument("--seeds", type=seed_list, help="one run per seed, then mean ± std: 42,43,44")
     p.add_argument("--plugin", action="append", default=[],
                    help="a Python file that registers decoders with register_method (repeatable)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -850,6 +894,13 @@ def parse_args(argv):
     args = p.parse_args(argv)
     check_ranges(args)
     return args
+
+
+def seed_list(text):
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise argparse.ArgumentTypeError("a comma-separated list of distinct seeds >= 0")
+    return seeds
 
 
 def check_ranges(args):
@@ -1001,6 +1052,7 @@ def report_main(argv):
                                 description="Leaderboard, Pareto plots, PBx and AUP from run directories.")
     p.add_argument("results_dir", help="folder searched recursively for summary.json files")
     p.add_argument("--out", help="report file (default: RESULTS_DIR/report.md; plots and report.csv beside it)")
+    p.add_argument("--seeds", type=seed_list, help="one run per seed, then mean ± std: 42,43,44")
     p.add_argument("--plugin", action="append", default=[], help="plugin files, for their registry entries")
     args = p.parse_args(argv)
     if not os.path.isdir(args.results_dir):
@@ -1016,10 +1068,12 @@ def report_main(argv):
 
 def run_main(args):
     """One configuration: resolve it, load the samples, open the run directory, load the model, evaluate."""
-    if args.sweep:
-        if args.resume or args.decoder or args.decoder_args:
-            fail("--sweep names the decoders and their parameters and resumes itself: drop "
-                 "--decoder, --decoder_args and --resume")
+    if args.sweep and (args.resume or args.decoder or args.decoder_args):
+        fail("--sweep names the decoders and their parameters and resumes itself: drop "
+             "--decoder, --decoder_args and --resume")
+    if args.seeds and (args.resume or args.seed is not None):
+        fail("--seeds names the seeds and resumes itself: drop --seed and --resume")
+    if args.sweep or args.seeds:
         return run_sweep(args)
     cfg = resume_config(args) if args.resume else resolve_config(args)
     rank, world, device = distributed()

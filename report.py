@@ -20,6 +20,9 @@ TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")
 PB_LEVELS = (90, 80, 70, 60)
 HEADER_NOTES = [
     "- acc / pass@1 / mauve in %; steps = avg_steps = model forwards per sample (NFE).",
+    "- Runs of one configuration with several seeds form one cell: means, `± std` (sample std over seeds) "
+    "and `n×k seeds`; the Pareto plots draw ± std error bars, and a point is called dominated only when "
+    "another with no more steps has mean − std ≥ its mean + std.",
     "- tok/step = gen_length / avg_steps. Every generated position counts as decoded, EOS/padding "
     "after the answer included (ParallelBench's convention), so it overstates useful tokens for "
     "short answers.",
@@ -103,15 +106,13 @@ def run_method(run):
 
 
 def run_params(run, defaults, run_keys):
-    """What distinguishes the run within its label: decoder_args, run settings the method uses that
-    differ from the label's defaults, and a non-default seed."""
+    """What distinguishes the run within its label: decoder_args and the run settings the method
+    uses that differ from the label's defaults (seeds are not: runs of several seeds are one row)."""
     cfg, name = run["cfg"], run["decoder"]
     keys = method_config_keys(name) if name in DECODERS else run_keys
     params = {k: cfg[k] for k in keys if k in run_keys and k not in ("model", "task", "data", "scorer")
               and k in cfg and k in defaults and cfg[k] != defaults[k]}
     params.update(cfg.get("decoder_args") or {})
-    if cfg.get("seed", 1234) != 1234:
-        params["seed"] = cfg["seed"]
     return dict(sorted(params.items()))
 
 
@@ -172,14 +173,17 @@ def row_name(run):
 
 
 def choose_runs(runs):
-    """One run per (row, label): the one with the most samples, then the newest; and how many
-    runs each cell had."""
-    cells, counts = {}, {}
+    """One cell per (row, label): per seed the run with the most samples, then the newest, and over
+    several seeds their mean (`merge_seeds`); also how many runs each cell had."""
+    by_seed, counts = {}, {}
     for run in runs:
         k = (row_key(run), run["label"])
         counts[k] = counts.get(k, 0) + 1
-        if k not in cells or (run["n"], run["mtime"]) > (cells[k]["n"], cells[k]["mtime"]):
-            cells[k] = run
+        seeds = by_seed.setdefault(k, {})
+        seed = run["cfg"].get("seed")
+        if seed not in seeds or (run["n"], run["mtime"]) > (seeds[seed]["n"], seeds[seed]["mtime"]):
+            seeds[seed] = run
+    cells = {k: merge_seeds(list(seeds.values())) for k, seeds in by_seed.items()}
     rows = {}
     for (rk, label), run in cells.items():
         if rk not in rows or row_sort(run) < row_sort(rows[rk]):
@@ -187,18 +191,38 @@ def choose_runs(runs):
     return cells, counts, rows
 
 
+def merge_seeds(runs):
+    """A cell from the runs of one configuration over seeds: score, avg_steps, metrics and TPS are
+    means; score_std is the sample standard deviation of the score (0 for one seed)."""
+    first = max(runs, key=lambda r: r["mtime"])
+    if len(runs) == 1:
+        return dict(first, score_std=0.0, n_seeds=1)
+    steps = float(np.mean([r["avg_steps"] for r in runs]))
+    scores = [r["score"] for r in runs if r["score"] is not None]
+    metrics = {m: float(np.mean([r["metrics"][m] for r in runs])) for m in first["metrics"]
+               if all(m in r["metrics"] for r in runs)}
+    return dict(first, score=float(np.mean(scores)) if scores else None, metrics=metrics,
+                score_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, avg_steps=steps,
+                tokens_per_forward=first["cfg"]["gen_length"] / steps,
+                pb_tps=float(np.mean([r["pb_tps"] for r in runs])),
+                n=min(r["n"] for r in runs), n_seeds=len(runs))
+
+
 # ---------------------------------------------------------------------------
 # Pareto fronts, PBx and AUP
 
 
 def pareto_front(points):
-    """Points (steps, score, ...) not dominated by another with fewer or equal steps and a higher or
-    equal score; returned by steps ascending."""
+    """Points (steps, score, family, text[, score_std]) that no other point dominates, by steps
+    ascending. q dominates p when q has no more steps and q's score minus its std is at least p's
+    score plus its std: points within each other's error bars are never called dominated (with one
+    seed, std 0: the plain rule, a tie going to the point with fewer steps)."""
     front, best = [], -math.inf
     for p in sorted(points, key=lambda p: (p[0], -p[1])):
-        if p[1] > best:
+        spread = p[4] if len(p) > 4 else 0.0
+        if p[1] + spread > best:
             front.append(p)
-            best = p[1]
+        best = max(best, p[1] - spread)
     return front
 
 
@@ -225,7 +249,7 @@ def aup(pairs, y_max, alpha=3.0):
 
 
 def plot_pareto(points, title, ylabel, path):
-    """points: (avg_steps, score, family, text) per configuration."""
+    """points: (avg_steps, score, family, text, score_std) per configuration; error bars show ± std."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -234,8 +258,13 @@ def plot_pareto(points, title, ylabel, path):
     families = sorted({p[2] for p in points}, key=family_order)
     for i, fam in enumerate(families):
         mine = [p for p in points if p[2] == fam]
-        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=plt.cm.tab10(i % 10),
+        color = plt.cm.tab10(i % 10)
+        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=color,
                    marker="os^Dv<>P"[i // 10 % 7])
+        spread = [p for p in mine if len(p) > 4 and p[4] > 0]
+        if spread:
+            ax.errorbar([p[0] for p in spread], [p[1] for p in spread], yerr=[p[4] for p in spread], fmt="none",
+                        ecolor=color, elinewidth=1, capsize=2)
     front = pareto_front(points)
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
     ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors="k")
@@ -300,8 +329,13 @@ def label_cells(run, text):
         values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
                   for m, v in zip(TEXT_METRICS, values)]
     else:
-        values = [fmt(run["score"])]
-    return values + [fmt(run["avg_steps"]), fmt(run["tokens_per_forward"], 2), str(run["n"])]
+        values = [score_text(run["score"], run["score_std"])]
+    n = f"{run['n']}×{run['n_seeds']} seeds" if run["n_seeds"] > 1 else str(run["n"])
+    return values + [fmt(run["avg_steps"]), fmt(run["tokens_per_forward"], 2), n]
+
+
+def score_text(score, std):
+    return fmt(score) + (f" ± {std:.1f}" if std else "")
 
 
 def pareto_sections(kind, model, mine, runs, cells, out_dir):
@@ -330,13 +364,13 @@ def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
     metric, short_model = pts[0]["metric"], os.path.basename(model.rstrip("/"))
     name = plot_name(label, scorer_lm, model, mine, runs)
     points = [(r["avg_steps"], r["score"], r["decoder"],
-               f"{row_name(r)} {params_text(r['params'])}" if r["params"] else row_name(r)) for r in pts]
+               f"{row_name(r)} {params_text(r['params'])}" if r["params"] else row_name(r), r["score_std"]) for r in pts]
     scored = f", scorer {scorer_lm}" if scorer_lm else ""
     plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
                 os.path.join(out_dir, name))
     front = pareto_front(points)
     return [f"### {label}{scored}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
-            "Front: " + "; ".join(f"{p[3]} ({fmt(p[1])} @ {fmt(p[0])} steps)" for p in front), ""]
+            "Front: " + "; ".join(f"{p[3]} ({score_text(p[1], p[4])} @ {fmt(p[0])} steps)" for p in front), ""]
 
 
 def pbx_aup_lines(label, pts):

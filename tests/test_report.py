@@ -148,3 +148,36 @@ def test_report_needs_runs(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         cde.main(["report", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_pareto_front_respects_error_bars():
+    points = [(10, 80, "a", "a", 2.0), (12, 79, "b", "b", 2.0), (14, 70, "c", "c", 1.0), (20, 90, "d", "d", 0.0)]
+    front = report.pareto_front(points)
+    assert [p[2] for p in front] == ["a", "b", "d"]  # b is within a's error bars; c is not
+    assert [p[2] for p in report.pareto_front([p[:4] for p in points])] == ["a", "d"]
+
+
+def test_seeds_run_aggregates_and_report_shows_error_bars(tmp_path, tiny_llada):
+    out = subprocess.run([sys.executable, os.path.join(REPO, "custom_demask_eval.py"), *SMALL, "--model_path",
+                          tiny_llada, "--results_dir", str(tmp_path), "--decoder", "random", "--seeds", "1,2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    (group,) = (tmp_path / "llada-math").glob("*-seeds")
+    summary = json.load(open(group / "seeds_summary.json"))
+    per_seed = [json.load(open(group / run / "summary.json"))["metrics"]["accuracy"] for run in summary["runs"]]
+    acc = summary["metrics"]["accuracy"]
+    assert summary["seeds"] == [1, 2] and acc["n"] == 2 and acc["mean"] == sum(per_seed) / 2
+    assert acc["min"] == min(per_seed) and acc["max"] == max(per_seed)
+    assert math.isclose(acc["std"], abs(per_seed[0] - per_seed[1]) / math.sqrt(2))
+    lines = out.stdout.splitlines()
+    assert f"accuracy_llada-math: {acc['mean']:.4f} ± {acc['std']:.4f}" in lines
+    assert lines[-3:] == [f"accuracy_llada-math: {acc['mean']:.4f}", "avg_steps_llada-math: 4.0000",
+                          "n_samples_llada-math: 2.0000"]
+    again = subprocess.run([sys.executable, os.path.join(REPO, "custom_demask_eval.py"), *SMALL, "--model_path",
+                            tiny_llada, "--results_dir", str(tmp_path), "--decoder", "random", "--seeds", "1,2"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.stderr.count("is complete, skipped") == 2
+    cde.main(["report", str(tmp_path)])
+    board = (tmp_path / "report.md").read_text()
+    row = next(line for line in board.splitlines() if line.startswith("| random |"))
+    assert "2×2 seeds" in row and (" ± " in row or acc["std"] == 0)
