@@ -8,7 +8,10 @@ import sys
 import time
 
 import pytest
+import torch
+import torch.distributed as dist
 
+import custom_demask_eval as cde
 from conftest import REPO
 
 ARGS = ["--label", "llada-math", "--limit", "12", "--batch_size", "2", "--gen_length", "16", "--steps", "16",
@@ -22,9 +25,9 @@ def free_port():
 
 
 def command(model, results, processes=1, extra=()):
-    launcher = [sys.executable] if processes == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-         f"--master_port={free_port()}"]
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={processes}", f"--master_port={free_port()}"]
     return [*launcher, os.path.join(REPO, "custom_demask_eval.py"), *ARGS, "--model_path", model,
             "--results_dir", str(results), *extra]
 
@@ -100,3 +103,17 @@ def test_killed_two_process_run_resumes(tiny_llada, tmp_path, reference):
               os.path.join(REPO, "custom_demask_eval.py"), "--resume", str(run)]
     assert final_lines(run_ok(resume).stdout) == reference[0]
     check_complete(run, reference)
+
+
+@pytest.mark.parametrize("gpu,backend,device", [(True, "nccl", "cuda:3"), (False, "gloo", "cpu")])
+def test_distributed_picks_the_local_gpu_and_backend(monkeypatch, gpu, backend, device):
+    """Under torchrun a process on a GPU host takes cuda:LOCAL_RANK and NCCL (the choice mocked here)."""
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: seen.setdefault("set_device", index))
+    monkeypatch.setattr(dist, "init_process_group", lambda name: seen.setdefault("backend", name))
+    monkeypatch.setattr(dist, "get_rank", lambda: 3)
+    assert cde.distributed() == (3, 4, device)
+    assert seen == ({"set_device": 3, "backend": "nccl"} if gpu else {"backend": "gloo"})
