@@ -78,8 +78,8 @@ def test_pbx_and_aup_definitions():
     assert not flagged and value == pytest.approx(3.2 * 92 + 0.5 * 1.8 * (92 * w(92) + 88 * w(88)))
     value, flagged = report.aup([(1, 95), (2, 93), (4, 85)], y_max=96)  # 85 < 95 - 5: dropped, flagged
     assert flagged and value == pytest.approx(95 + 0.5 * (95 * w(95) + 93 * w(93)))
-    assert report.pareto_front([(10, 50, "a"), (5, 40, "b"), (20, 50, "c"), (30, 60, "d")]) == \
-        [(5, 40, "b"), (10, 50, "a"), (30, 60, "d")]
+    assert report.pareto_front([(10, 50, "a"), (5, 40, "b"), (20, 50, "c"), (30, 60, "d")]) == (
+        [(5, 40, "b"), (10, 50, "a"), (30, 60, "d")])
 
 
 def table_row(report, first_cells):
@@ -107,21 +107,21 @@ def test_report_from_fixture_results(tmp_path):
     assert "## Model `models/tiny-llada`" in tiny
     board, text_board = section(tiny, "### Leaderboard (accuracy labels)"), section(tiny, "### Leaderboard (text labels)")
     # leaderboard: tiny-code columns first (labels sorted), then tiny-math
-    assert table_row(board, ["confidence_greedy", "topk", "k=1"])[5:] == \
-        ["80.0", "64.0", "1.00", "200", "95.0", "64.0", "1.00", "200", "2"]
-    assert table_row(board, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == \
-        ["70.0", "32.0", "2.00", "200", "93.0", "32.0", "2.00", "200", "2"]
+    assert table_row(board, ["confidence_greedy", "topk", "k=1"])[5:] == (
+        ["80.0", "64.0", "1.00", "200", "95.0", "64.0", "1.00", "200", "2"])
+    assert table_row(board, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == (
+        ["70.0", "32.0", "2.00", "200", "93.0", "32.0", "2.00", "200", "2"])
     # the 200-sample run wins over the older 50-sample one of the same configuration
     assert table_row(board, ["threshold", "threshold", "alg_threshold=0.9"])[9:] == ["92.0", "20.0", "3.20", "200", "3"]
-    assert table_row(section(other, "### Leaderboard (accuracy labels)"), ["confidence_greedy", "topk", "k=1"])[5:] == \
-        ["50.0", "64.0", "1.00", "200", "1"]
+    assert table_row(section(other, "### Leaderboard (accuracy labels)"), ["confidence_greedy", "topk", "k=1"])[5:] == (
+        ["50.0", "64.0", "1.00", "200", "1"])
     # text rows keyed by scorer LM; the scorer actually used (details, after a fallback) wins
-    assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "gpt2-large"])[6:] == \
-        ["25.10", "45.00", "5.00", "0.110", "30.0", "1.60", "200", "1"]
+    assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "gpt2-large"])[6:] == (
+        ["25.10", "45.00", "5.00", "0.110", "30.0", "1.60", "200", "1"])
     assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "smollm2-135m"])[6] == "30.50"
     assert table_row(text_board, ["threshold", "threshold", "alg_threshold=0.9"])[5:8] == ["smollm2-135m", "40.00", "30.00"]
-    assert "Front: threshold alg_threshold=0.9 (30.0 @ 12.0 steps); klass (42.0 @ 30.0 steps)" in \
-        section(tiny, "### tiny-text, scorer smollm2-135m: Pareto front")
+    assert "Front: threshold alg_threshold=0.9 (30.0 @ 12.0 steps); klass (42.0 @ 30.0 steps)" in (
+        section(tiny, "### tiny-text, scorer smollm2-135m: Pareto front"))
     assert "Front: klass (45.0 @ 30.0 steps)" in section(tiny, "### tiny-text, scorer gpt2-large: Pareto front")
 
     # PBx (TPS = k for top-k, G/NFE otherwise) and AUP (alpha 3, y_max 96), checked by hand
@@ -137,8 +137,8 @@ def test_report_from_fixture_results(tmp_path):
     # over both labels: (87.5, 1), (81.5, 2), (83.5, 3.6) for the configurations run on both
     both = section(tiny, "### All accuracy labels (tiny-code, tiny-math): PBx")
     assert "| — | 3.60 | 3.60 | 3.60 |" in both
-    assert "Front: threshold alg_threshold=0.7 (88.0 @ 12.8 steps); threshold alg_threshold=0.9 (92.0 @ 20.0 steps); " \
-           "confidence_greedy steps=32 (93.0 @ 32.0 steps); klass (96.0 @ 40.0 steps)" in tiny
+    assert ("Front: threshold alg_threshold=0.7 (88.0 @ 12.8 steps); threshold alg_threshold=0.9 (92.0 @ 20.0 steps); "
+            "confidence_greedy steps=32 (93.0 @ 32.0 steps); klass (96.0 @ 40.0 steps)" in tiny)
 
     csv_lines = (results / "report.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 15 and csv_lines[0].startswith("model,label,decoder,method_type")
