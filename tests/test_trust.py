@@ -40,7 +40,7 @@ def copy_harness(folder, region=None):
         _, tail = rest.split("# --- EDITABLE REGION END ---\n")
         source = head + "# --- EDITABLE REGION START ---\n" + region + "# --- EDITABLE REGION END ---\n" + tail
     (folder / "custom_demask_eval.py").write_text(source)
-    for name in ("utils.py", "decoders.py", "models.py", "report.py", "data", "models"):
+    for name in ("utils.py", "decoders.py", "models.py", "report.py", "report_html.py", "trace.py", "data", "models"):
         if not (folder / name).exists():
             os.symlink(os.path.join(REPO, name), folder / name)
     return str(folder / "custom_demask_eval.py")
