@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import models
 import report
+import trajectories
 # Re-exported for pasted decoders and plugins, which import them from this module.
 from decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401
                       add_gumbel_noise, build_decoder, choosable, clean_confidence, describe_decoder,
@@ -241,10 +242,11 @@ class DecoderModel:
         return self._call(x, attention_mask, query_idx, positions)
 
 
-def batch_model(lm, prompt_mask, checker, nfe):
+def batch_model(lm, prompt_mask, checker, nfe, recorder=None):
     """A DecoderModel for one batch. Every call is checked (`checker`) and counted into `nfe`
     ([B] long): a call of n rows counts ceil(n / B) forwards for every sample with a mask left,
-    rows i, i + B, i + 2B, ... belonging to sample i (e.g. a guidance batch of 2B rows)."""
+    rows i, i + B, i + 2B, ... belonging to sample i (e.g. a guidance batch of 2B rows).
+    A `recorder` (trajectories.Recorder) sees each call's input, its counts and the logits returned."""
     B, P = prompt_mask.shape
     padded = None if bool(prompt_mask.all()) else prompt_mask.to(lm.device)
 
@@ -255,15 +257,21 @@ def batch_model(lm, prompt_mask, checker, nfe):
         x = x.to(lm.device)
         checker(x)
         live = (x == lm.mask_id).any(1).view(-1, B).any(0) if x.shape[0] % B == 0 else torch.ones(B, dtype=torch.bool)
-        nfe.add_((-(-x.shape[0] // B)) * (live if bool(live.any()) else torch.ones_like(live)).long().cpu())
+        counted = (-(-x.shape[0] // B)) * (live if bool(live.any()) else torch.ones_like(live)).long().cpu()
+        nfe.add_(counted)
+        if recorder is not None:
+            recorder.forward(x, counted)
         if attention_mask is not None:
             key_mask = attention_mask.to(lm.device).bool()
         elif padded is not None:
             key_mask = F.pad(padded.repeat(x.shape[0] // B, 1), (0, x.shape[1] - P), value=True)
         else:
             key_mask = None
-        return SimpleNamespace(logits=lm.logits(x, key_mask, positions, None if query_idx is None
-                                                else query_idx.to(lm.device)))
+        query_idx = None if query_idx is None else query_idx.to(lm.device)
+        logits = lm.logits(x, key_mask, positions, query_idx)
+        if recorder is not None:
+            recorder.returned(logits, query_idx, x.shape[1])
+        return SimpleNamespace(logits=logits)
     return DecoderModel(lm, call)
 
 
@@ -423,34 +431,40 @@ def checked_output(result, sample_id, device):
     return x, int(steps)
 
 
-def decode_rows(cfg, lm, decoder, input_ids, prompt_mask, sample_ids):
+def decode_rows(cfg, lm, decoder, input_ids, prompt_mask, sample_ids, traces=None):
     """One decode of rows that form one call of the decoder, under the rule checks; returns the
-    generations [B, gen_length], the counted forwards per row and the reported steps."""
+    generations [B, gen_length], the counted forwards per row and the reported steps. With a
+    list `traces`, each row's trace (trajectories.py) is appended to it."""
     checker = RuleChecker(sample_ids, input_ids.to(lm.device), cfg["gen_length"], cfg["steps"], cfg["block_length"],
                           lm.mask_id, lm.n_tokens, getattr(decoder, "remasks", False))
     nfe = torch.zeros(len(sample_ids), dtype=torch.long)
-    model = batch_model(lm, prompt_mask, checker, nfe)
+    recorder = None if traces is None else trajectories.Recorder(len(sample_ids), cfg["gen_length"], lm.mask_id)
+    model = batch_model(lm, prompt_mask, checker, nfe, recorder)
     result = decoder.decode(model, input_ids, cfg["gen_length"], cfg["steps"], cfg["block_length"])
     x, reported = checked_output(result, sample_ids[0], lm.device)
     checker.finish(x)
+    if recorder is not None:
+        traces.extend(recorder.finish(x))
     return x[:, -cfg["gen_length"]:].tolist(), nfe.tolist(), reported
 
 
-def decode_batch(cfg, lm, decoder, batch, seed):
+def decode_batch(cfg, lm, decoder, batch, seed, traces=None):
     """Decode one batch: together when the decoder declares `batched = True`, else one row at a
     time with that row's unpadded prompt (decoders written for batch 1, like LLaDA's generate.py).
-    Returns generations, counted forwards per sample and reported steps per sample."""
+    Returns generations, counted forwards per sample and reported steps per sample; with a list
+    `traces`, the samples' traces are appended to it in batch order."""
     torch.manual_seed(seed)
     prompts = [s["prompt_ids"] for s in batch]
     if getattr(decoder, "batched", False):
         input_ids, prompt_mask = left_pad(prompts, lm.pad_id)
-        generations, counted, reported = decode_rows(cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in batch])
+        generations, counted, reported = decode_rows(cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in batch],
+                                                     traces)
         return generations, counted, [reported] * len(batch)
     out = [], [], []
     for s, prompt in zip(batch, prompts):
         input_ids = torch.tensor([prompt])
         gen, counted, reported = decode_rows(cfg, lm, decoder, input_ids, torch.ones_like(input_ids, dtype=torch.bool),
-                                             [s["id"]])
+                                             [s["id"]], traces)
         for acc, value in zip(out, (gen[0], counted[0], reported)):
             acc.append(value)
     return out
@@ -496,10 +510,14 @@ def read_records(run_dir, wanted):
     return records
 
 
+def json_line(record):
+    return json.dumps(record, separators=(",", ":")) + "\n"  # compact: records carry integer arrays (trace)
+
+
 def rewrite(path, records):
     """Write records as JSON Lines atomically."""
     with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+        f.writelines(json_line(r) for r in records)
     os.replace(path + ".tmp", path)
 
 
@@ -569,10 +587,11 @@ def run_eval(cfg, lm, decoder, task, samples, run_dir, rank=0, world=1):
     with open(path, "a") as out, tqdm(total=total, initial=len(records), file=sys.stderr, desc=cfg["label"],
                                       disable=rank > 0) as bar:
         for batch in batches:
-            # decode under the rule checks, then judge
+            # decode under the rule checks and the recorder, then judge
             seed = cfg["seed"] + index[batch[0]["id"]]
             start = time.time()
-            generations, counted, reported = decode_batch(cfg, lm, decoder, batch, seed)
+            traces = []
+            generations, counted, reported = decode_batch(cfg, lm, decoder, batch, seed, traces)
             texts, stopped, verdicts = judge_batch(lm, task, batch, generations)
             seconds = (time.time() - start) / len(batch)
             if reported != counted and not warned:
@@ -581,11 +600,12 @@ def run_eval(cfg, lm, decoder, task, samples, run_dir, rank=0, world=1):
                       f"(sample {batch[0]['id']}); avg_steps uses the counted value", file=sys.stderr)
 
             # write each record durably before it counts
-            for s, text, stop, steps, said, verdict in zip(batch, texts, stopped, counted, reported, verdicts):
+            for s, text, stop, steps, said, verdict, traced in zip(batch, texts, stopped, counted, reported, verdicts,
+                                                                   traces):
                 record = dict(id=s["id"], prompt=s.get("prefix") or s["messages"][-1]["content"], generation=text,
                               stopped=stop, **verdict, steps=steps, reported_steps=said, seed=seed,
-                              seconds=round(seconds, 4))
-                out.write(json.dumps(record) + "\n")
+                              seconds=round(seconds, 4), trace=traced)
+                out.write(json_line(record))
                 out.flush()
                 os.fsync(out.fileno())
                 records.append(record)
@@ -601,7 +621,8 @@ def summarize(cfg, task, records, run_dir, lm, started):
     metrics["n_samples"] = float(len(records))
     summary = dict(label=cfg["label"], decoder=cfg["decoder"], fingerprint=cfg["fingerprint"], config=cfg,
                    metrics=metrics, avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])),
-                   n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records), details=details,
+                   n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records),
+                   order=trajectories.order_summary([r["trace"] for r in records if "trace" in r]), details=details,
                    environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS,
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:

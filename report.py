@@ -1,8 +1,9 @@
-"""Leaderboard, Pareto plots, PBx (ParallelBench) and AUP (d3LLM) from run directories.
+"""Leaderboard, Pareto plots, PBx (ParallelBench), AUP (d3LLM) and decoding order from run directories.
 
-`write_report` reads every summary.json under a results folder and writes report.md, report.csv
-and one pareto_<label>.png per label, in this order: collect the runs, the header, then per model
-and per kind of label (accuracy, text) the leaderboard, the Pareto sections and PBx/AUP tables.
+`write_report` reads every summary.json under a results folder and writes report.md, report.csv,
+one pareto_<label>.png per label, one order_<run>.png per shown run with a trace, and report.html
+(report_html.py), in this order: collect the runs, the header, then per model and per kind of
+label (accuracy, text) the leaderboard, the Pareto sections, PBx/AUP tables and the order figures.
 """
 import csv
 import inspect
@@ -13,6 +14,8 @@ import re
 
 import numpy as np
 
+import report_html
+import trajectories
 from decoders import DECODERS, method_config_keys, method_position_score
 
 ACCURACY_METRICS = ("accuracy", "pass@1")
@@ -31,6 +34,9 @@ HEADER_NOTES = [
     "- AUP (d3LLM): rho = gen_length/avg_steps, y = accuracy %, alpha = 3, y_max = best accuracy of "
     "any configuration of the label for that model; `*` = accuracy drops more than 5 points at the "
     "highest rho (d3LLM's code asserts there); computed over the pairs within 5 points of y_1.",
+    "- τ / ρ: ParallelBench's decoding-order correlation, Kendall τ-b and Spearman ρ between a sample's "
+    "commit steps in position order and the same steps sorted (1 = left to right, parallel commits "
+    "of neighbours included; -1 = right to left), averaged over samples (the `trace` of each record in samples.jsonl).",
 ]
 
 # ---------------------------------------------------------------------------
@@ -59,7 +65,7 @@ def read_run(results_dir, root, path, label_defaults, run_keys):
                decoder=summary.get("decoder") or cfg["decoder"], cfg=cfg, metrics=metrics,
                details=summary.get("details") or {}, mtime=os.path.getmtime(path),
                avg_steps=float(metrics["avg_steps"]), n=int(metrics.get("n_samples", 0)),
-               fingerprint=cfg.get("fingerprint"))
+               fingerprint=cfg.get("fingerprint"), root=root, order=summary.get("order") or {})
     run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
     run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
     value = metrics.get(run["metric"])
@@ -172,6 +178,10 @@ def row_name(run):
     return name
 
 
+def run_caption(run):
+    return f"{row_name(run)} {params_text(run['params'])}" if run["params"] else row_name(run)
+
+
 def choose_runs(runs):
     """One cell per (row, label): per seed the run with the most samples, then the newest, and over
     several seeds their mean (`merge_seeds`); also how many runs each cell had."""
@@ -201,7 +211,9 @@ def merge_seeds(runs):
     scores = [r["score"] for r in runs if r["score"] is not None]
     metrics = {m: float(np.mean([r["metrics"][m] for r in runs])) for m in first["metrics"]
                if all(m in r["metrics"] for r in runs)}
-    return dict(first, score=float(np.mean(scores)) if scores else None, metrics=metrics,
+    order = {k: float(np.mean([r["order"][k] for r in runs])) for k in first["order"]
+             if all(isinstance(r["order"].get(k), (int, float)) for r in runs)}
+    return dict(first, score=float(np.mean(scores)) if scores else None, metrics=metrics, order=order,
                 score_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, avg_steps=steps,
                 tokens_per_forward=first["cfg"]["gen_length"] / steps,
                 pb_tps=float(np.mean([r["pb_tps"] for r in runs])),
@@ -248,11 +260,16 @@ def aup(pairs, y_max, alpha=3.0):
     return total, flagged
 
 
-def plot_pareto(points, title, ylabel, path):
-    """points: (avg_steps, score, family, text, score_std) per configuration; error bars show ± std."""
+def pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_pareto(points, title, ylabel, path):
+    """points: (avg_steps, score, family, text, score_std) per configuration; error bars show ± std."""
+    plt = pyplot()
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4.6))
     families = sorted({p[2] for p in points}, key=family_order)
@@ -285,6 +302,37 @@ def plot_pareto(points, title, ylabel, path):
     plt.close(fig)
 
 
+def plot_order(traces, title, path):
+    """Left: the share of samples that wrote each generated position after each forward. Right:
+    the tokens written per forward, over all forwards of all samples."""
+    plt = pyplot()
+    G, F = len(traces[0]["commit_step"]), max(1, max(t["forwards"] for t in traces))
+    share = np.zeros((G, F))
+    for t in traces:
+        for i, f in enumerate(t["commit_step"]):
+            if f >= 0:
+                share[i, f] += 1.0 / len(traces)
+    written = np.concatenate([np.asarray(trajectories.tokens_per_forward(t), dtype=int) for t in traces])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw=dict(width_ratios=[3, 2]))
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    image = left.imshow(np.ma.masked_equal(share, 0), aspect="auto", cmap=cmap, interpolation="nearest", vmin=0,
+                        vmax=1, extent=(-0.5, F - 0.5, G - 0.5, -0.5))
+    fig.colorbar(image, ax=left, label="share of samples")
+    left.set_xlabel("forward")
+    left.set_ylabel("generated position")
+    most = written.max(initial=0)
+    right.hist(written, bins=np.arange(most + 2) - 0.5, weights=np.full(len(written), 1.0 / max(1, len(written))),
+               color="tab:blue")
+    right.set_xlim(-0.5, most + 0.5)
+    right.xaxis.get_major_locator().set_params(integer=True)
+    right.set_xlabel("tokens written after one forward")
+    right.set_ylabel("share of forwards")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------
 # Report sections
 
@@ -306,7 +354,7 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
     for label in labels:
         metric = next((r["metric"] for r in mine if r["label"] == label), "score")
         shown = list(TEXT_METRICS) if text else [metric if metric != "accuracy" else "acc"]
-        head += [f"{label} {m}" for m in shown] + [f"{label} steps", f"{label} tok/step", f"{label} n"]
+        head += [f"{label} {m}" for m in shown] + [f"{label} {c}" for c in ("steps", "tok/step", "τ", "ρ", "n")]
     head.append("runs")
     lines = [f"### Leaderboard ({'text labels' if text else 'accuracy labels'})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -323,15 +371,16 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
 
 def label_cells(run, text):
     if run is None:
-        return ["—"] * ((len(TEXT_METRICS) if text else 1) + 3)
+        return ["—"] * ((len(TEXT_METRICS) if text else 1) + 5)
     if text:
         values = [run["metrics"].get(m) for m in TEXT_METRICS]
         values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
                   for m, v in zip(TEXT_METRICS, values)]
     else:
         values = [score_text(run["score"], run["score_std"])]
+    order = [fmt(run["order"].get(k), 2) for k in ("kendall_tau", "spearman_rho")]
     n = f"{run['n']}×{run['n_seeds']} seeds" if run["n_seeds"] > 1 else str(run["n"])
-    return values + [fmt(run["avg_steps"]), fmt(run["tokens_per_forward"], 2), n]
+    return values + [fmt(run["avg_steps"]), fmt(run["tokens_per_forward"], 2), *order, n]
 
 
 def score_text(score, std):
@@ -405,6 +454,33 @@ def all_labels_pbx_lines(labels, rows, cells):
             "| " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " |", ""]
 
 
+def order_lines(kind, cells, out_dir):
+    """The order figure of every shown run that has a trace (its name is kept as run["order_png"])."""
+    traced = []
+    for run in sorted(cells.values(), key=lambda r: (r["label"], row_sort(r))):
+        traces = [r["trace"] for r in trajectories.traced_samples(run["root"])]
+        if traces:
+            run["order_png"] = f"order_{slug(run['dir'])}.png"
+            title = f"{run['label']}: {run_caption(run).replace('`', '')} ({len(traces)} samples)"
+            plot_order(traces, title, os.path.join(out_dir, run["order_png"]))
+            traced.append(run)
+    if not traced:
+        return []
+    lines = [f"### Decoding order ({'text labels' if kind == 'text' else 'accuracy labels'})", "",
+             "Per run: the share of samples that wrote each generated position after each forward, and "
+             "the tokens written per forward (re-commits of remasking decoders included); undone = tokens "
+             "a remasking decoder re-masked or overwrote.", "",
+             "| label | decoder | settings | τ | ρ | tokens / forward | undone / sample | figure |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run in traced:
+        o = run["order"]
+        lines.append(f"| {run['label']} | {row_name(run)} | {params_text(run['params'])} | "
+                     f"{fmt(o.get('kendall_tau'), 2)} | {fmt(o.get('spearman_rho'), 2)} | "
+                     f"{fmt(o.get('tokens_per_forward'), 2)} | {fmt(o.get('undone_per_sample'), 2)} | "
+                     f"[{run['order_png']}]({run['order_png']}) |")
+    return lines + [""]
+
+
 def model_lines(model, runs, out_dir):
     mine = [r for r in runs if r["model"] == model]
     lines = [f"## Model `{model}`", ""]
@@ -417,6 +493,7 @@ def model_lines(model, runs, out_dir):
         lines += pareto_sections(kind, model, mine, runs, cells, out_dir)
         if kind == "accuracy":
             lines += all_labels_pbx_lines(labels, rows, cells)
+        lines += order_lines(kind, cells, out_dir)
     return lines
 
 
@@ -424,14 +501,15 @@ def csv_rows(model, mine):
     return [dict(model=model, label=r["label"], decoder=r["decoder"], method_type=r["type"], rep_param=r["rep_name"], rep_value=r["rep"],
                  params=json.dumps(r["params"], default=str), scorer_lm=r["scorer_lm"], metric=r["metric"],
                  score=r["score"], avg_steps=r["avg_steps"], tokens_per_step=r["tokens_per_forward"],
-                 tps=r["pb_tps"], n_samples=r["n"], run_dir=r["dir"],
-                 fingerprint=r["fingerprint"])
+                 tps=r["pb_tps"], n_samples=r["n"], kendall_tau=r["order"].get("kendall_tau"),
+                 spearman_rho=r["order"].get("spearman_rho"), run_dir=r["dir"], fingerprint=r["fingerprint"])
             for r in sorted(mine, key=lambda r: (r["label"], row_sort(r), r["dir"]))]
 
 
 def write_report(results_dir, out, label_defaults, run_keys):
-    """report.md (+ report.csv and pareto_<label>.png) for every summary.json under results_dir.
-    label_defaults: {label: its settings}, to tell which settings a run changed."""
+    """report.md (+ report.csv, pareto_<label>.png, order_<run>.png and report.html) for every
+    summary.json under results_dir. label_defaults: {label: its settings}, to tell which settings
+    a run changed."""
     runs, problems = collect_runs(results_dir, label_defaults, run_keys)
     if not runs:
         raise ValueError(f"no run with a readable summary.json under {results_dir!r}")
@@ -447,4 +525,12 @@ def write_report(results_dir, out, label_defaults, run_keys):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    report_html.write_html(os.path.splitext(out)[0] + ".html", lines, replay_views(runs))
     return out, len(runs)
+
+
+def replay_views(runs):
+    """What report.html shows of each run with an order figure (the shown runs with a trace)."""
+    return [dict(label=r["label"], caption=run_caption(r), model=r["model"], figure=r["order_png"], order=r["order"],
+                 root=r["root"])
+            for r in sorted(runs, key=lambda r: (r["label"], row_sort(r))) if "order_png" in r]
