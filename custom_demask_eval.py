@@ -36,6 +36,7 @@ import trajectories
 from decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401
                       add_gumbel_noise, build_decoder, choosable, clean_confidence, describe_decoder,
                       get_num_transfer_tokens, propose_tokens, register_method, register_position_score, top_k_commit)
+from results import json_line, merge_samples, parse_samples_file, read_records, rewrite
 from tasks import TASKS, InputError, encode_prompt
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -470,67 +471,6 @@ def decode_batch(cfg, lm, decoder, batch, seed, traces=None):
     return out
 
 
-def parse_samples_file(path, wanted):
-    """Records of a samples file. A line cut off by a crash (the last one, without newline) is
-    dropped with a warning; any other line that is not a record, a record whose id is not in
-    `wanted` and a repeated id are InputErrors naming the lines."""
-    records, where = [], {}
-    with open(path) as f:
-        lines = f.readlines()
-    for n, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            ok = isinstance(record, dict) and "id" in record and "steps" in record
-        except json.JSONDecodeError:
-            ok = False
-        if not ok and n == len(lines) and not line.endswith("\n"):
-            print(f"warning: {path}:{n}: dropped a line cut off by a crash", file=sys.stderr)
-            break
-        if not ok:
-            raise InputError(f"{path}:{n}: not a sample record")
-        if record["id"] not in wanted:
-            raise InputError(f"{path}:{n}: sample id {record['id']!r} is not in this run's sample set")
-        if record["id"] in where:
-            raise InputError(f"{path}: sample id {record['id']!r} appears twice ({where[record['id']]} and {path}:{n})")
-        where[record["id"]] = f"{path}:{n}"
-        records.append(record)
-    return records
-
-
-def read_records(run_dir, wanted):
-    """Finished samples of a run from all its samples files (one per process), each id once."""
-    records, seen = [], set()
-    for name in sorted(os.listdir(run_dir)):
-        if name.startswith("samples") and name.endswith(".jsonl"):
-            for r in parse_samples_file(os.path.join(run_dir, name), wanted):
-                if r["id"] in seen:
-                    raise InputError(f"{run_dir}: sample id {r['id']!r} is in two samples files")
-                seen.add(r["id"])
-                records.append(r)
-    return records
-
-
-def json_line(record):
-    return json.dumps(record, separators=(",", ":")) + "\n"  # compact: records carry integer arrays (trace)
-
-
-def rewrite(path, records):
-    """Write records as JSON Lines atomically."""
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json_line(r) for r in records)
-    os.replace(path + ".tmp", path)
-
-
-def merge_samples(run_dir, wanted):
-    """One samples.jsonl from all per-process files (written atomically, then the parts removed)."""
-    records = read_records(run_dir, wanted)
-    rewrite(os.path.join(run_dir, "samples.jsonl"), records)
-    for name in os.listdir(run_dir):
-        if name.startswith("samples.rank"):
-            os.remove(os.path.join(run_dir, name))
-    return records
-
-
 def git_state():
     """(commit, dirty) of the repository, or (None, None) outside a git checkout."""
     try:
@@ -831,7 +771,7 @@ def run_sweep(args):
             shown = " ".join(f"{k}={v:.4f}" for k, v in (metrics or {}).items())
             print(f"sweep: {os.path.basename(run_dir)} {shown}")
         if args.seeds:
-            return [aggregate_seeds(args, group) for group in seed_groups(plan, results)]
+            return [aggregate_seeds(args, group, show=not args.sweep) for group in seed_groups(plan, results)]
     return results
 
 
@@ -844,9 +784,10 @@ def seed_groups(plan, results):
     return list(groups.values())
 
 
-def aggregate_seeds(args, group):
+def aggregate_seeds(args, group, show):
     """seeds_summary.json (mean, sample std, min, max, n per metric) beside the seeds' run
-    directories, and the final lines: `<metric>_<label>: mean ± std`, then the plain mean."""
+    directories; `show` prints the final lines, `<metric>_<label>: mean ± std` then the plain mean
+    (a sweep prints one `seeds:` line per configuration instead)."""
     cfg, label = group[0][0], group[0][0]["label"]
     stats = {}
     for name in group[0][2]:
@@ -861,6 +802,9 @@ def aggregate_seeds(args, group):
     with open(os.path.join(folder, "seeds_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(f"seeds: {folder}/seeds_summary.json", file=sys.stderr)
+    if not show:
+        print(f"seeds: {name} " + " ".join(f"{m}={s['mean']:.4f}±{s['std']:.4f}" for m, s in stats.items()))
+        return stats
     for metric, s in stats.items():
         print(f"{metric}_{label}: {s['mean']:.4f} ± {s['std']:.4f}")
     for metric, s in stats.items():

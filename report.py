@@ -203,10 +203,12 @@ def choose_runs(runs):
 
 def merge_seeds(runs):
     """A cell from the runs of one configuration over seeds: score, avg_steps, metrics and TPS are
-    means; score_std is the sample standard deviation of the score (0 for one seed)."""
+    means; score_std is the sample standard deviation of the score (0 for one seed); `source` is
+    the newest run, whose trace the figures and report.html show."""
     first = max(runs, key=lambda r: r["mtime"])
     if len(runs) == 1:
-        return dict(first, score_std=0.0, n_seeds=1)
+        first.update(score_std=0.0, n_seeds=1, source=first)
+        return first
     steps = float(np.mean([r["avg_steps"] for r in runs]))
     scores = [r["score"] for r in runs if r["score"] is not None]
     metrics = {m: float(np.mean([r["metrics"][m] for r in runs])) for m in first["metrics"]
@@ -217,7 +219,7 @@ def merge_seeds(runs):
                 score_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, avg_steps=steps,
                 tokens_per_forward=first["cfg"]["gen_length"] / steps,
                 pb_tps=float(np.mean([r["pb_tps"] for r in runs])),
-                n=min(r["n"] for r in runs), n_seeds=len(runs))
+                n=min(r["n"] for r in runs), n_seeds=len(runs), source=first)
 
 
 # ---------------------------------------------------------------------------
@@ -460,7 +462,7 @@ def order_lines(kind, cells, out_dir):
     for run in sorted(cells.values(), key=lambda r: (r["label"], row_sort(r))):
         traces = [r["trace"] for r in trajectories.traced_samples(run["root"])]
         if traces:
-            run["order_png"] = f"order_{slug(run['dir'])}.png"
+            run["order_png"] = run["source"]["order_png"] = f"order_{slug(run['dir'])}.png"
             title = f"{run['label']}: {run_caption(run).replace('`', '')} ({len(traces)} samples)"
             plot_order(traces, title, os.path.join(out_dir, run["order_png"]))
             traced.append(run)
