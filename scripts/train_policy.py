@@ -197,8 +197,6 @@ def train(cfg, out, resume=False, stop_after=None):
     lm = cde.load_model(os.path.join(cde.REPO, cfg["model_path"]), device="cpu")
     task = cde.TASKS[cfg["task"]]()
     data = task.load(dict(data=cfg["train_data"]))
-    for s in data:
-        s["prompt_ids"] = cde.encode_prompt(lm, s)
     net = policy.PolicyNet(policy_config(cfg))
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                                   weight_decay=cfg["weight_decay"])
@@ -223,7 +221,7 @@ def train(cfg, out, resume=False, stop_after=None):
     while step < end:
         started = time.time()
         rng = random.Random(cfg["seed"] * 100003 + step * world + rank)
-        prompts = rng.sample(data, cfg["prompts_per_step"])
+        prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in rng.sample(data, cfg["prompts_per_step"])]
         torch.manual_seed(cfg["seed"] * 100003 + step * world + rank)
         trace, r, adv, correct, steps = collect(cfg, lm, decoder, task, prompts)
         live = torch.tensor(float(bool((adv != 0).any())))
