@@ -168,3 +168,13 @@ def test_resume_after_a_kill(tmp_path, tiny_llada):
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
     assert steps[-1] == 3 and os.path.isdir(os.path.join(out, "checkpoint-3"))
     assert steps.count(1) == 1  # step 1 was checkpointed before the kill and not run again
+
+
+@pytest.mark.parametrize("name", ["llada_gsm8k_math_policy.json", "llada_gsm8k_math_policy_bl256.json"])
+def test_real_configs_run_one_step_on_a_random_weight_llada(tmp_path, tiny_llada, name):
+    cfg = train_policy.load_config(os.path.join(REPO, "configs", name))
+    assert cfg["model_path"] == "GSAI-ML/LLaDA-8B-Instruct" and cfg["block_length"] in (32, 256)
+    cfg.update(model_path=tiny_llada, train_data="data/tiny_math_train.jsonl", gen_length=8, block_length=4,
+               num_generations=2, prompts_per_step=1, max_steps=1)
+    metrics = train_policy.train(cfg, str(tmp_path / "run"))
+    assert math.isfinite(metrics["loss"]) and metrics["step"] == 1
