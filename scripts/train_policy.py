@@ -129,7 +129,7 @@ def grpo_loss(cfg, net, trace, adv):
     live = trace["active"]
     logits = net(trace["conf"][live], trace["masked"][live], trace["t"][live]).double()
     logp = policy.action_logp(logits, trace["candidates"][live], trace["action"][live], cfg["sampling_mode"],
-                              cfg["policy_temperature"], net.stop.double())
+                              cfg["policy_temperature"], getattr(net, "module", net).stop.double())
     ratio = torch.exp(logp - trace["logp"][live])
     a = adv[trace["row"][live]]
     eps = cfg["epsilon"]
@@ -204,7 +204,8 @@ def train(cfg, out, resume=False, stop_after=None):
     step = 0
     if resume and latest_checkpoint(out):
         step = load_checkpoint(latest_checkpoint(out), net, optimizer, scheduler)
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    # the STOP logit gets no gradient outside dpls
+    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
