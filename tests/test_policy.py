@@ -178,3 +178,8 @@ def test_real_configs_run_one_step_on_a_random_weight_llada(tmp_path, tiny_llada
                num_generations=2, prompts_per_step=1, max_steps=1)
     metrics = train_policy.train(cfg, str(tmp_path / "run"))
     assert math.isfinite(metrics["loss"]) and metrics["step"] == 1
+
+
+def test_the_shipped_policy_loads_as_the_default():
+    decoder = cde.build_decoder("policy", 0, {}, {})
+    assert decoder.net.config == policy.PolicyConfig() and decoder.sampling_mode == "bernoulli-argmax"
