@@ -12,7 +12,7 @@ threshold rollouts per group when set), judged by the task; reward = correct *
 ablation that was reward-hacked), advantage = reward - group mean (no std normalisation), then
 `num_iterations` AdamW updates of the clipped-ratio objective (epsilon, beta = 0: no KL). A step
 whose advantages are all 0 updates nothing. Checkpoints: OUT/checkpoint-N/ (policy, optimizer,
-scheduler, step, RNG); --resume continues from the latest.
+scheduler, step); --resume continues from the latest.
 """
 import argparse
 import json
@@ -161,8 +161,8 @@ def save_checkpoint(out, step, net, optimizer, scheduler):
     folder = os.path.join(out, f"checkpoint-{step}")
     tmp = folder + ".tmp"
     policy.save_policy(net, tmp)
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                    rng=torch.get_rng_state(), py_rng=random.getstate()), os.path.join(tmp, "trainer_state.pt"))
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()),
+               os.path.join(tmp, "trainer_state.pt"))
     os.replace(tmp, folder)
     return folder
 
@@ -172,8 +172,6 @@ def load_checkpoint(folder, net, optimizer, scheduler):
     state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"])
-    random.setstate(state["py_rng"])
     return state["step"]
 
 # ---------------------------------------------------------------------------
@@ -187,12 +185,12 @@ def setup_distributed():
     return 0, 1
 
 
-def train(cfg, out, resume=False, stop_after=None):
-    """Run GRPO until max_steps (or `stop_after` more steps); returns the last metrics."""
+def train(cfg, out, resume=False):
+    """Run GRPO until max_steps; returns the last step's metrics. Prompts and sampling are seeded
+    per step and process, so a resumed run draws what the uninterrupted one would have."""
     from tqdm import tqdm
     rank, world = setup_distributed()
     torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
     torch.set_num_threads(1)
     lm = cde.load_model(os.path.join(cde.REPO, cfg["model_path"]), device="cpu")
     task = cde.TASKS[cfg["task"]]()
@@ -216,7 +214,7 @@ def train(cfg, out, resume=False, stop_after=None):
     decoder = policy.PolicyDecoder(lm.mask_id, cfg["temperature"], policy_path=os.path.abspath(latest_checkpoint(out)),
                                    sampling_mode=cfg["sampling_mode"], policy_temperature=cfg["policy_temperature"])
     decoder.net = net  # rollouts use the network being trained
-    end = cfg["max_steps"] if stop_after is None else min(cfg["max_steps"], step + stop_after)
+    end, first = cfg["max_steps"], step
     bar = tqdm(total=end, initial=step, disable=rank != 0, desc="grpo")
     skipped, metrics, log = 0, {}, open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
     while step < end:
@@ -242,7 +240,7 @@ def train(cfg, out, resume=False, stop_after=None):
         step += 1
         metrics = dict(step=step, reward=float(r.mean()), accuracy=float(correct.float().mean()),
                        mean_steps=float(steps.float().mean()), loss=loss.item(), lr=scheduler.get_last_lr()[0],
-                       skipped_fraction=skipped / max(1, step), seconds=round(time.time() - started, 2))
+                       skipped_fraction=skipped / (step - first), seconds=round(time.time() - started, 2))
         if rank == 0:
             bar.update(1)
             bar.write("POLICY_METRICS: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
