@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+import policy  # noqa: F401 (registers the policy decoder)
 import report
 import trajectories
 # Re-exported for pasted decoders and plugins, which import them from this module.

@@ -181,7 +181,8 @@ class BlockDecoder:
     ([B, Q, V]; the current block, or the whole generation when `whole_generation`), the masked
     positions of each row's current block, the uniform schedule's k for this step, the step
     index within the block and the batch's state (`model`, `family`, `gen_length`, `steps`,
-    `block_length`, `steps_per_block`, plus what `start(batch)` adds); it returns
+    `block_length`, `steps_per_block`, `masked`: the query positions still masked, plus what
+    `start(batch)` adds); it returns
     (commit [B, Q] bool, tokens [B, Q]).
     """
     batched = True
@@ -236,6 +237,7 @@ class BlockDecoder:
             k = torch.minimum(k.clamp(min=1), candidates.sum(1))
 
             # one forward, then the subclass's commit rule
+            batch.masked = masked.gather(1, query)
             logits = model(x, query_idx=P + query).logits
             commit, tokens = self.select(logits, candidates, k, step, batch)
             gen = x[:, P:]

@@ -287,7 +287,7 @@ def test_bad_decoder_value_fails_before_loading(monkeypatch, capsys):
 
 # ---------------------------------------------------------------- end to end on a tiny random model
 
-STOCHASTIC = {"random", "remdm"}
+STOCHASTIC = {"random", "remdm", "policy"}
 CASES = [(name, {}) for name in cde.DECODERS] + [("confidence_greedy", {"alg_temp": 0.5}),
                                                  ("remdm", {"sigma": "conf"}), ("prophet", {"answer_start": 10})]
 

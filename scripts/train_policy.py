@@ -1,0 +1,272 @@
+"""Train an unmasking policy with GRPO, the dLLM frozen (Jazbec et al., arXiv 2512.09106, adapted
+from d1's diffu-GRPO, dllm-reasoning/d1).
+
+    python scripts/train_policy.py --config configs/tiny_policy.json --out runs/tiny-policy
+    python scripts/train_policy.py --config configs/tiny_policy.json --out runs/tiny-policy --resume
+    torchrun --nproc_per_node 2 scripts/train_policy.py --config ...   # or: accelerate launch; gloo on CPU
+
+One step: per process `prompts_per_step` training prompts, each decoded `num_generations` times by
+the frozen dLLM with the policy choosing the positions (plus `expert_generations` Fast-dLLM
+threshold rollouts per group when set), judged by the task; reward = correct *
+((L - steps + 1) / L) ** alpha (`mult`; `add` is correct - alpha * steps / L, the paper's
+ablation that was reward-hacked), advantage = reward - group mean (no std normalisation), then
+`num_iterations` AdamW updates of the clipped-ratio objective (epsilon, beta = 0: no KL). A step
+whose advantages are all 0 updates nothing. Checkpoints: OUT/checkpoint-N/ (policy, optimizer,
+scheduler, step); --resume continues from the latest.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import custom_demask_eval as cde  # noqa: E402
+import policy  # noqa: E402
+
+DEFAULTS = dict(model_path="models/tiny-llada", task="math", train_data="data/tiny_math_train.jsonl", gen_length=64,
+                block_length=64, temperature=0.0, policy_type="dit_confidence", policy_hidden_dim=128,
+                policy_feedforward_dim=512, policy_num_heads=2, policy_num_blocks=1, policy_time_embed_dim=128,
+                policy_full_context=True, policy_smart_init=-2.0, sampling_mode="bernoulli",
+                policy_temperature=1.0, reward_functions=["correctness_mult"], reward_weights=[1.0],
+                alpha_compute_reward=1.0, num_generations=8, expert_generations=0, expert_threshold=0.9,
+                prompts_per_step=2, num_iterations=2, epsilon=0.5, beta=0.0, learning_rate=3e-5,
+                adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1, max_grad_norm=0.2, warmup_steps=100,
+                max_steps=1000, save_steps=100, seed=123)
+REWARDS = ("correctness_mult", "correctness_add")
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+def load_config(path):
+    with open(path) as f:
+        cfg = {**DEFAULTS, **json.load(f)}
+    unknown = set(cfg) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {sorted(unknown)}")
+    if cfg["policy_type"] != "dit_confidence" or cfg["sampling_mode"] not in policy.SAMPLING_MODES:
+        raise ValueError("policy_type is dit_confidence; sampling_mode is bernoulli, bernoulli-argmax or dpls")
+    if not set(cfg["reward_functions"]) <= set(REWARDS) or len(cfg["reward_functions"]) != len(cfg["reward_weights"]):
+        raise ValueError(f"reward_functions are {REWARDS}, one weight each")
+    if cfg["expert_generations"] and cfg["sampling_mode"] == "dpls":
+        raise ValueError("expert steering needs a Bernoulli sampling_mode (a threshold set has no pick order)")
+    if cfg["beta"] != 0:
+        raise ValueError("beta must be 0 (no KL term, as in the paper)")
+    return cfg
+
+
+def policy_config(cfg):
+    return policy.PolicyConfig(cfg["policy_type"], cfg["policy_hidden_dim"], cfg["policy_feedforward_dim"],
+                               cfg["policy_num_heads"], cfg["policy_num_blocks"], cfg["policy_time_embed_dim"],
+                               cfg["policy_full_context"], cfg["policy_smart_init"])
+
+# ---------------------------------------------------------------------------
+# Rewards and advantages
+
+
+def reward(correct, steps, gen_length, alpha, form="correctness_mult"):
+    """mult: correct * ((L - steps + 1) / L) ** alpha; add: correct - alpha * steps / L."""
+    correct, steps = torch.as_tensor(correct, dtype=torch.float64), torch.as_tensor(steps, dtype=torch.float64)
+    if form == "correctness_mult":
+        return correct * ((gen_length - steps + 1) / gen_length) ** alpha
+    return correct - alpha * steps / gen_length
+
+
+def advantages(rewards, group):
+    """reward - mean of its group (consecutive `group` rollouts), no std normalisation."""
+    r = rewards.view(-1, group)
+    return (r - r.mean(1, keepdim=True)).flatten()
+
+# ---------------------------------------------------------------------------
+# Rollouts
+
+
+def rollout(cfg, lm, decoder, task, samples, expert):
+    """Decode the samples (one row each) under the rule checks, as the harness does; returns the
+    stacked trace (every forward's record, rows of all steps concatenated), the counted forwards
+    and the correctness per row."""
+    decoder.trace, decoder.expert_threshold = [], cfg["expert_threshold"] if expert else None
+    run_cfg = dict(gen_length=cfg["gen_length"], steps=cfg["gen_length"], block_length=cfg["block_length"])
+    input_ids, prompt_mask = cde.left_pad([s["prompt_ids"] for s in samples], lm.pad_id)
+    gens, counted, _ = cde.decode_rows(run_cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in samples])
+    _, _, verdicts = cde.judge_batch(lm, task, samples, gens)
+    trace = {k: torch.cat([step[k] for step in decoder.trace]) for k in decoder.trace[0]}
+    trace["row"] = torch.arange(len(samples)).repeat(len(decoder.trace))
+    decoder.trace = None
+    return trace, torch.tensor(counted), torch.tensor([v["correct"] for v in verdicts])
+
+
+def collect(cfg, lm, decoder, task, prompts):
+    """Policy rollouts (then the expert's) of each prompt. Rewards, advantages, correctness and
+    steps are group-major (prompt i's rollouts at i * G ... i * G + G - 1); trace["row"] indexes them."""
+    sizes = [cfg["num_generations"], cfg["expert_generations"]]
+    G, parts = sum(sizes), []
+    for expert, n in enumerate(sizes):
+        if n:
+            trace, steps, correct = rollout(cfg, lm, decoder, task, [s for s in prompts for _ in range(n)], bool(expert))
+            trace["row"] = trace["row"] // n * G + trace["row"] % n + expert * sizes[0]
+            parts.append((trace, steps.view(-1, n), correct.view(-1, n)))
+    trace = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+    steps = torch.cat([p[1] for p in parts], 1).flatten()
+    correct = torch.cat([p[2] for p in parts], 1).flatten()
+    r = sum(w * reward(correct, steps, cfg["gen_length"], cfg["alpha_compute_reward"], form)
+            for form, w in zip(cfg["reward_functions"], cfg["reward_weights"]))
+    return trace, r, advantages(r, G), correct, steps
+
+# ---------------------------------------------------------------------------
+# The GRPO objective
+
+
+def grpo_loss(cfg, net, trace, adv):
+    """Clipped-ratio objective over the recorded steps: per rollout the mean over its steps of
+    min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), then the mean over rollouts (negated)."""
+    live = trace["active"]
+    logits = net(trace["conf"][live], trace["masked"][live], trace["t"][live]).double()
+    logp = policy.action_logp(logits, trace["candidates"][live], trace["action"][live], cfg["sampling_mode"],
+                              cfg["policy_temperature"], getattr(net, "module", net).stop.double())
+    ratio = torch.exp(logp - trace["logp"][live])
+    a = adv[trace["row"][live]]
+    eps = cfg["epsilon"]
+    per_step = torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    rows = trace["row"][live]
+    n = torch.zeros(adv.numel(), dtype=torch.float64).index_add_(0, rows, torch.ones_like(per_step))
+    per_row = torch.zeros(adv.numel(), dtype=torch.float64).index_add_(0, rows, per_step) / n.clamp(min=1)
+    return -per_row.mean()
+
+
+def lr_lambda(cfg):
+    def f(step):
+        if step < cfg["warmup_steps"]:
+            return (step + 1) / cfg["warmup_steps"]
+        progress = (step - cfg["warmup_steps"]) / max(1, cfg["max_steps"] * cfg["num_iterations"] - cfg["warmup_steps"])
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def latest_checkpoint(out):
+    steps = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")] if os.path.isdir(out) else []
+    return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
+
+
+def save_checkpoint(out, step, net, optimizer, scheduler):
+    folder = os.path.join(out, f"checkpoint-{step}")
+    tmp = folder + ".tmp"
+    policy.save_policy(net, tmp)
+    torch.save(dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict()),
+               os.path.join(tmp, "trainer_state.pt"))
+    os.replace(tmp, folder)
+    return folder
+
+
+def load_checkpoint(folder, net, optimizer, scheduler):
+    net.load_state_dict(policy.load_policy(folder).state_dict())
+    state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]
+
+# ---------------------------------------------------------------------------
+# Training loop
+
+
+def setup_distributed():
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("gloo")
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(cfg, out, resume=False):
+    """Run GRPO until max_steps; returns the last step's metrics. Prompts and sampling are seeded
+    per step and process, so a resumed run draws what the uninterrupted one would have."""
+    from tqdm import tqdm
+    rank, world = setup_distributed()
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(1)
+    lm = cde.load_model(os.path.join(cde.REPO, cfg["model_path"]), device="cpu")
+    task = cde.TASKS[cfg["task"]]()
+    data = task.load(dict(data=cfg["train_data"]))
+    net = policy.PolicyNet(policy_config(cfg))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
+                                  weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    step = 0
+    if resume and latest_checkpoint(out):
+        step = load_checkpoint(latest_checkpoint(out), net, optimizer, scheduler)
+    # the STOP logit gets no gradient outside dpls
+    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    if rank == 0 and not latest_checkpoint(out):
+        save_checkpoint(out, 0, net, optimizer, scheduler)
+    if world > 1:
+        dist.barrier()
+    decoder = policy.PolicyDecoder(lm.mask_id, cfg["temperature"], policy_path=os.path.abspath(latest_checkpoint(out)),
+                                   sampling_mode=cfg["sampling_mode"], policy_temperature=cfg["policy_temperature"])
+    decoder.net = net  # rollouts use the network being trained
+    end, first = cfg["max_steps"], step
+    bar = tqdm(total=end, initial=step, disable=rank != 0, desc="grpo")
+    skipped, metrics, log = 0, {}, open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
+    while step < end:
+        started = time.time()
+        rng = random.Random(cfg["seed"] * 100003 + step * world + rank)
+        prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in rng.sample(data, cfg["prompts_per_step"])]
+        torch.manual_seed(cfg["seed"] * 100003 + step * world + rank)
+        trace, r, adv, correct, steps = collect(cfg, lm, decoder, task, prompts)
+        live = torch.tensor(float(bool((adv != 0).any())))
+        if world > 1:
+            dist.all_reduce(live)
+        loss = torch.tensor(0.0)
+        if live > 0:
+            for _ in range(cfg["num_iterations"]):
+                loss = grpo_loss(cfg, model, trace, adv)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["max_grad_norm"])
+                optimizer.step()
+                scheduler.step()
+        else:
+            skipped += 1
+        step += 1
+        metrics = dict(step=step, reward=float(r.mean()), accuracy=float(correct.float().mean()),
+                       mean_steps=float(steps.float().mean()), loss=loss.item(), lr=scheduler.get_last_lr()[0],
+                       skipped_fraction=skipped / (step - first), seconds=round(time.time() - started, 2))
+        if rank == 0:
+            bar.update(1)
+            bar.write("POLICY_METRICS: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                    for k, v in metrics.items()))
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            if step % cfg["save_steps"] == 0 or step == end:
+                save_checkpoint(out, step, net, optimizer, scheduler)
+    bar.close()
+    if world > 1:
+        dist.destroy_process_group()
+    return metrics
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint-N in --out")
+    p.add_argument("--max_steps", type=int, help="override the config's max_steps")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    if args.max_steps:
+        cfg["max_steps"] = args.max_steps
+    train(cfg, args.out, args.resume)
+
+
+if __name__ == "__main__":
+    main()
