@@ -261,13 +261,13 @@ def test_rule_violation_keeps_finished_samples(monkeypatch, capsys, tmp_path, ti
 
 def test_ctrl_c_keeps_samples_and_exits_130(tmp_path, tiny_llada):
     cmd = [sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--label", "llada-math", "--model_path",
-           tiny_llada, "--limit", "400", "--batch_size", "1", *SMALL, "--results_dir", str(tmp_path)]
+           tiny_llada, "--limit", "500", "--batch_size", "1", "--gen_length", "64", "--steps", "64",
+           "--block_length", "64", "--results_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while time.time() < deadline and not list(tmp_path.glob("llada-math/*/samples.jsonl")):
-        time.sleep(0.2)
-    time.sleep(2)
-    proc.send_signal(signal.SIGINT)
+    while time.time() < deadline and not any(p.stat().st_size for p in tmp_path.glob("llada-math/*/samples.jsonl")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # 500 samples of 64 forwards take minutes: the run is mid-way
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("error: interrupted")
     run = only_run(tmp_path, "llada-math")
