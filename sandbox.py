@@ -21,6 +21,7 @@ import resource
 import select
 import signal
 import sys
+import threading
 import time
 
 INTERPRETER = os.path.realpath(sys.executable)
@@ -36,6 +37,7 @@ LIMITS = {resource.RLIMIT_AS: 2 << 30, resource.RLIMIT_FSIZE: 16 << 20, resource
           resource.RLIMIT_NPROC: 64, resource.RLIMIT_CORE: 0}
 GONE = "the generated code's process ended"
 PR_SET_CHILD_SUBREAPER = 36
+_DETECTION = threading.Lock()
 
 
 # --- harness side ---
@@ -58,11 +60,16 @@ def check(program, setup, entry_point, timeout=3.0):
         return _verdict(judge, json.dumps(spec).encode(), timeout + GRACE)
 
 
-@functools.lru_cache(maxsize=None)
 def layer():
-    """BWRAP when bubblewrap runs the sandboxed interpreter here (tried once), else "process",
-    which one line on stderr announces."""
-    if _runs(_bwrap() + [INTERPRETER, "-I", "-S", "-c", "pass"]):
+    """BWRAP when the sandboxed process runs in bubblewrap here (tried once, with no program),
+    else "process", which one line on stderr announces."""
+    with _DETECTION:
+        return _detected()
+
+
+@functools.lru_cache(maxsize=None)
+def _detected():
+    if _runs(_bwrap(1.0)):
         return BWRAP
     print("sandbox: bubblewrap does not run here; generated code is judged in the process layer "
           "only (no network, filesystem or PID isolation: see README, Sandbox)", file=sys.stderr)
@@ -80,28 +87,31 @@ def _runs(argv):
 
 def _sandboxed(timeout):
     """The command of the sandboxed process; in the process layer it works in the judge's temp dir."""
-    serve = [INTERPRETER, "-I", "-S", HERE, "serve", str(timeout)]
-    if layer() != BWRAP:
-        return serve
-    return _bwrap() + serve + (["nobody"] if os.getuid() == 0 else [])
+    return _bwrap(timeout) if layer() == BWRAP else _serve_argv(timeout)
 
 
-def _bwrap():
-    """New network, PID, IPC and UTS namespaces; read-only: /usr, the interpreter and this file;
-    writable: a small tmpfs, as /tmp and working directory. As root, only the capabilities to drop
-    to nobody are kept (the sandboxed process drops them itself before running anything)."""
+def _serve_argv(timeout):
+    return [INTERPRETER, "-I", "-S", HERE, "serve", str(timeout)]
+
+
+def _bwrap(timeout):
+    """_serve_argv in new network, PID, IPC and UTS namespaces; writable: a small tmpfs, as /tmp and
+    working directory; read-only: /usr, the interpreter and this file. As root, only the
+    capabilities to drop to nobody are kept, and the sandboxed process drops them itself before
+    running anything."""
     argv = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--proc", "/proc",
-            "--dev", "/dev"]
+            "--dev", "/dev", "--perms", "01777", "--size", str(TMPFS_SIZE), "--tmpfs", "/tmp"]
     for path in ("/bin", "/lib", "/lib32", "/lib64", "/sbin"):
         if os.path.islink(path):
             argv += ["--symlink", os.readlink(path), path]
     for path in _read_only():
         argv += _parents(path) + ["--ro-bind", path, path]
-    argv += ["--perms", "01777", "--size", str(TMPFS_SIZE), "--tmpfs", "/tmp", "--chdir", "/tmp"]
-    if os.getuid() == 0:
-        argv += ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
-    return argv
+    argv += ["--chdir", "/tmp"]
+    if os.getuid() != 0:
+        return argv + _serve_argv(timeout)
+    return (argv + ["--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+            + _serve_argv(timeout) + ["nobody"])
 
 
 def _read_only():
@@ -118,7 +128,7 @@ def _read_only():
 def _parents(path):
     """bwrap would create the missing parents of a mount point with mode 0700."""
     argv, parent = [], os.path.dirname(path)
-    while parent != "/":
+    while parent not in ("/", "/tmp"):
         argv = ["--perms", "0755", "--dir", parent] + argv
         parent = os.path.dirname(parent)
     return argv
@@ -126,7 +136,6 @@ def _parents(path):
 
 def _verdict(judge, spec, seconds):
     """(passed, result) from the judge's one line, or after `seconds` without it, "timed out"."""
-    import threading
     expired = threading.Event()
     def expire():
         expired.set()

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -389,10 +390,11 @@ def test_infinite_loop_times_out_after_3_seconds(layer):
 
 def test_layer_is_detected_once(monkeypatch, capsys):
     assert sandbox.layer() in (sandbox.BWRAP, "process")
-    sandbox.layer.cache_clear()
-    monkeypatch.setattr(sandbox, "_bwrap", lambda: ["false"])
+    sandbox._detected.cache_clear()
+    monkeypatch.setattr(sandbox, "_bwrap", lambda timeout: ["false"])
     try:
-        assert sandbox.layer() == "process" and sandbox.layer() == "process"
+        with ThreadPoolExecutor(4) as pool:
+            assert set(pool.map(lambda _: sandbox.layer(), range(8))) == {"process"}
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     finally:
-        sandbox.layer.cache_clear()
+        sandbox._detected.cache_clear()
