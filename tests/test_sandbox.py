@@ -66,11 +66,6 @@ def in_layer(layer):
         yield
 
 
-def contained_here(layer, routes, process_contains):
-    """The routes to run in `layer`: all with bwrap, those in process_contains otherwise."""
-    return {k: v for k, v in routes.items() if layer == "bwrap" or k in process_contains}
-
-
 def skip_unless_contained(layer, route, process_contains):
     if layer == "process" and route not in process_contains:
         pytest.skip(ROOT_ONLY)
@@ -93,7 +88,7 @@ def layer(request):
 
 @pytest.fixture
 def listener():
-    """A TCP listener on 127.0.0.1 that records what it receives, for a few seconds at most."""
+    """A TCP listener on 127.0.0.1 that records what it receives, while the test runs."""
     server = socket.create_server(("127.0.0.1", 0))
     server.settimeout(0.2)
     received, stop = [], threading.Event()
@@ -171,16 +166,15 @@ def spawned(request, tmp_path_factory):
     token, home = uuid.uuid4().hex, tmp_path_factory.mktemp("spawn")
     routes = {name: f"argv = [sys.executable, '-I', '-S', '-c', SLEEPER, TOKEN, MARKER + {name!r}]\n" + code
               for name, code in SPAWN.items()}
-    results = judge(request.param, routes, timeout=1.0, SLEEPER=SLEEPER, TOKEN=token,
-                    MARKER=str(home / "marker-"))
+    judge(request.param, routes, timeout=1.0, SLEEPER=SLEEPER, TOKEN=token, MARKER=str(home / "marker-"))
     right_after = processes_with(token)
     time.sleep(4)
-    return results, right_after, processes_with(token), home
+    return right_after, processes_with(token), home
 
 
 @pytest.mark.parametrize("route", SPAWN)
 def test_no_descendant_survives(spawned, route):
-    results, right_after, later, home = spawned
+    right_after, later, home = spawned
     assert right_after == [] and later == []
     assert not (home / f"marker-{route}").exists()
 
