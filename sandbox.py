@@ -42,17 +42,17 @@ _DETECTION = threading.Lock()
 
 # --- harness side ---
 
-def check(program, setup, entry_point, timeout=3.0):
+def check(program, stub, test, entry_point, timeout=3.0):
     """Judge the generated `program` (prompt + completion + test, without the call of check).
 
-    `setup` is the trusted text the judge runs itself (the prompt with a stub body + the test);
-    the judge then binds `entry_point` to the generated function and runs `check(entry_point)`.
+    The judge runs the trusted texts itself: `stub` (the prompt, runnable without the completion),
+    then, with `entry_point` bound to the generated function, `test` + `check(entry_point)`.
     Returns (passed, result), result "passed", "timed out" or "failed: <message>" (at most
     MESSAGE_LIMIT characters)."""
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp:
-        spec = dict(program=program, setup=setup, entry_point=entry_point, timeout=timeout,
+        spec = dict(program=program, stub=stub, test=test, entry_point=entry_point, timeout=timeout,
                     argv=_sandboxed(timeout), cwd=tmp)
         judge = subprocess.Popen([INTERPRETER, "-I", "-S", HERE, "judge"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={},
@@ -230,9 +230,9 @@ def _test(spec, candidate):
     try:
         candidate.load(spec["program"], spec["entry_point"])
         namespace = {}
-        exec(spec["setup"], namespace)
+        exec(spec["stub"], namespace)
         namespace[spec["entry_point"]] = candidate
-        exec(f"check({spec['entry_point']})", namespace)
+        exec(spec["test"] + "\n" + f"check({spec['entry_point']})", namespace)
         return "passed"
     except TimedOut:
         return "timed out"

@@ -237,6 +237,12 @@ def make_completion(problem: dict, code: str) -> str:
     return _as_body(problem, code) + "\n"
 
 
+def _stub(problem):
+    """The prompt, with a `pass` body if it needs one to run: the judge takes its helpers."""
+    prompt = problem["prompt"]
+    return prompt if not prompt.strip() or _compiles(prompt) else prompt + make_completion(problem, "pass")
+
+
 def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers: int = 4) -> dict:
     """Judge prompt + completion + test + check(entry_point) for every task id in completions,
     `workers` at a time, each in the sandbox of sandbox.py (the test runs in a judge process that
@@ -246,8 +252,7 @@ def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers:
     def run(task_id):
         p = problems[task_id]
         program = p["prompt"] + completions[task_id] + "\n" + p["test"] + "\n"
-        setup = p["prompt"] + make_completion(p, "pass") + "\n" + p["test"] + "\n"
-        passed, result = sandbox.check(program, setup, p["entry_point"], timeout)
+        passed, result = sandbox.check(program, _stub(p), p["test"], p["entry_point"], timeout)
         return task_id, {"passed": passed, "result": result}
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(run, completions))
