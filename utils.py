@@ -251,8 +251,8 @@ def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers:
     import sandbox
     def run(task_id):
         p = problems[task_id]
-        program = p["prompt"] + completions[task_id] + "\n" + p["test"] + "\n"
-        passed, result = sandbox.check(program, _stub(p), p["test"], p["entry_point"], timeout)
+        code = p["prompt"] + completions[task_id]
+        passed, result = sandbox.check(code, _stub(p), p["test"], p["entry_point"], timeout)
         return task_id, {"passed": passed, "result": result}
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(run, completions))
