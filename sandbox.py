@@ -4,10 +4,11 @@ runs it, decides the verdict.
 The harness calls `check`. It starts the judge (`python -I -S sandbox.py judge`: a fresh
 interpreter, empty environment, no inherited descriptors, its own session). The judge starts the
 generated program in the sandbox (`sandbox.py serve`, inside bubblewrap where `layer()` found it
-working), runs the problem's test itself and reaches the generated function only through a pipe:
-arguments go out and answers come back as plain values (builtin scalars and containers), so the
-test compares values that the judge built itself. The judge ends every descendant of the sandboxed
-process, then writes the verdict on a descriptor that only it holds.
+working), runs the problem's test itself and reaches the generated code only through a pipe:
+arguments go out and answers come back as plain values (builtin scalars and containers), any other
+object of the generated code as a reference that stays in the sandbox, so the test compares values
+that the judge built itself. The judge ends every descendant of the sandboxed process, then writes
+the verdict on a descriptor that only it holds.
 
 This file imports only the standard library: the judge and the sandboxed process run it as a
 script. Modules that the sandboxed process does not need are imported where they are used, which

@@ -240,7 +240,8 @@ KILL = {
     "os.kill(getppid())": "os.kill(os.getppid(), signal.SIGKILL)",
     "pidfd_send_signal(parent)": "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), signal.SIGKILL)",
     "its process group": "os.killpg(0, signal.SIGKILL)",
-    "every ancestor": "for pid in ancestors():\n    with contextlib.suppress(OSError):\n        os.kill(pid, signal.SIGKILL)",
+    "every ancestor": ("for pid in ancestors():\n    with contextlib.suppress(OSError):\n"
+                       "        os.kill(pid, signal.SIGKILL)"),
 }
 KILL_IN_PROCESS = {"os.kill(getppid())", "pidfd_send_signal(parent)", "its process group"}
 
@@ -267,7 +268,8 @@ FAKE_PASS = {
         "for fd in os.listdir(f'/proc/{os.getppid()}/fd'):\n    with contextlib.suppress(OSError):\n"
         "        open(f'/proc/{os.getppid()}/fd/{fd}', 'w').write('\"passed\"\\n')\n"
         "os.kill(os.getppid(), signal.SIGKILL)"),
-    "an object equal to everything": "class Equal:\n    def __eq__(self, other):\n        return True\nreturn Equal()",
+    "an object equal to everything": ("class Equal:\n    def __eq__(self, other):\n        return True\n"
+                                      "return Equal()"),
     "an int subclass equal to everything": ("class Equal(int):\n    def __eq__(self, other):\n"
                                             "        return True\nreturn Equal(0)"),
 }
@@ -299,7 +301,8 @@ def test_objects_of_the_code_stay_in_the_sandbox(layer):
     solution = ("class Node:\n    def __init__(self, data):\n        self.data, self.left = data, None\n"
                 "def depth(node):\n    return 0 if node is None else 1 + depth(node.left)\n")
     with in_layer(layer):
-        assert check_code({"tree": problem}, {"tree": solution}) == {"tree": {"passed": True, "result": "passed"}}
+        result = check_code({"tree": problem}, {"tree": solution})
+    assert result == {"tree": {"passed": True, "result": "passed"}}
 
 
 # (f) leaking the environment and planted secrets
@@ -383,7 +386,10 @@ def test_huge_output_is_capped(layer, route, capfd):
 
 def crossed(value):
     objects = []
-    tree = json.loads(json.dumps(sandbox._encode(value, lambda v: objects.append(v) or str(len(objects) - 1))))
+    def refer(obj):
+        objects.append(obj)
+        return str(len(objects) - 1)
+    tree = json.loads(json.dumps(sandbox._encode(value, refer)))
     return sandbox._decode(tree, lambda ref: ("ref", objects[int(ref)]))
 
 
