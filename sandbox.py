@@ -306,7 +306,7 @@ def _children():
         return []
 
 
-# --- the sandboxed process: runs the generated program and answers calls of its function ---
+# --- the sandboxed process: runs the generated code and answers the judge's requests ---
 
 def _serve(timeout, nobody=None):
     requests, answers = _set_aside_stdio()
