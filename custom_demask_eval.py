@@ -1005,11 +1005,12 @@ def load_plugins(paths):
 
 
 def set_threads(args, device):
-    """CPU threads: --threads, else OMP_NUM_THREADS, else one per core for a model over 100M
-    parameters and 1 for smaller ones (the bundled tiny model runs fastest on one thread)."""
+    """CPU threads: --threads, else OMP_NUM_THREADS, else 1 for a run on the CPU (the CPU path is the
+    bundled tiny model, fastest on one thread); a GPU run keeps torch's default."""
+    on_cpu = not (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if args.threads:
         torch.set_num_threads(args.threads)
-    elif not os.environ.get("OMP_NUM_THREADS") and (device or "cpu").startswith("cpu"):
+    elif on_cpu and not os.environ.get("OMP_NUM_THREADS"):
         torch.set_num_threads(1)
 
 
