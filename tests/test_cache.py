@@ -305,7 +305,11 @@ cde.register_method("pasted_generate", Generate, method_type="topk", representat
 def test_pasted_batch_one_decoder_runs_under_dual_cache(tmp_path, capsys):
     plugin = tmp_path / "pasted.py"
     plugin.write_text(PASTED)
-    pasted = run(tmp_path, "--plugin", str(plugin), "--decoder", "pasted_generate", "--cache", "dual", "--limit", "3")
+    try:
+        pasted = run(tmp_path, "--plugin", str(plugin), "--decoder", "pasted_generate", "--cache", "dual", "--limit", "3")
+    finally:
+        cde.DECODERS.pop("pasted_generate", None)
+        cde.PLUGIN_FILES.pop("demask_plugin_pasted", None)
     greedy = run(tmp_path, "--decoder", "confidence_greedy", "--cache", "dual", "--batch_size", "1", "--limit", "3")
     assert pasted["avg_steps"] == greedy["avg_steps"] == 64.0
     texts = {name: [json.loads(line)["generation"] for line in open(run_dir(tmp_path, name) / "samples.jsonl")]
