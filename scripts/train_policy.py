@@ -109,12 +109,18 @@ def rollout(cfg, lm, decoder, task, prompts):
     input_ids, prompt_mask = cde.left_pad([s["prompt_ids"] for s in samples], lm.pad_id)
     gens, counted, _ = cde.decode_rows(run_cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in samples])
     _, _, verdicts = cde.judge_batch(lm, task, samples, gens)
-    trace = {k: torch.cat([step[k] for step in decoder.trace]) for k in decoder.trace[0]}
-    trace["row"] = torch.arange(len(samples), device=lm.device).repeat(len(decoder.trace))
-    decoder.trace = decoder.expert_rows = None
-    live = trace.pop("active")  # the records of rows that still had masks
-    trace = {k: v[live] for k, v in trace.items()}
+    trace, decoder.trace, decoder.expert_rows = stack_trace(decoder.trace), None, None
     return trace, torch.tensor(counted), torch.tensor([v["correct"] for v in verdicts]), expert
+
+
+def stack_trace(records):
+    """The per-forward records of all rows as one trace of the rows that still had masks, with
+    trace["row"] the row of each record."""
+    trace = {k: torch.cat([record[k] for record in records]) for k in records[0]}
+    B = records[0]["active"].numel()
+    trace["row"] = torch.arange(B, device=trace["active"].device).repeat(len(records))
+    live = trace.pop("active")
+    return {k: v[live] for k, v in trace.items()}
 
 
 def collect(cfg, lm, decoder, task, prompts):
@@ -156,7 +162,8 @@ def lr_lambda(cfg):
 
 
 def latest_checkpoint(out):
-    steps = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")] if os.path.isdir(out) else []
+    names = os.listdir(out) if os.path.isdir(out) else []
+    steps = [int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 

@@ -175,6 +175,7 @@ def test_time_budget_stops_with_a_checkpoint_that_resumes_the_same_run(tmp_path,
     stopped = train_policy.train(dict(cfg, max_minutes=1e-9), out)
     assert stopped["step"] == 1 and train_policy.latest_checkpoint(out).endswith("checkpoint-1")
     assert torch.load(os.path.join(out, "checkpoint-1", "trainer_state.pt"), weights_only=False)["step"] == 1
+    os.makedirs(os.path.join(out, "checkpoint-7.tmp"))  # a save that was cut short is not a checkpoint
     resumed = train_policy.train(cfg, out, resume=True)
     assert resumed == dict(whole, seconds=resumed["seconds"], skipped_fraction=resumed["skipped_fraction"])
     a, b = (policy.load_policy(os.path.join(d, "checkpoint-3")).state_dict() for d in (str(tmp_path / "whole"), out))
