@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import kvcache
 import models
 import policy  # noqa: F401 (registers the policy decoder)
 import report
@@ -199,9 +200,11 @@ class DiffusionLM:
         return SimpleNamespace(logits=self.logits(x.to(self.device), key_mask, positions, query_idx))
 
     @torch.no_grad()
-    def logits(self, x, key_mask, positions=None, query_idx=None):
+    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
         """fp32 logits [B, Q, V]; rows without any mask token are not computed (zeros) unless no
-        row has one. key_mask [B, T] bool (False = padding) or None."""
+        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache."""
+        if cache is not None:
+            return cache(x, key_mask, positions, query_idx)
         B, T = x.shape
         if positions is None and key_mask is None:
             positions = torch.arange(T, device=self.device).expand(B, T)
@@ -244,11 +247,12 @@ class DecoderModel:
         return self._call(x, attention_mask, query_idx, positions)
 
 
-def batch_model(lm, prompt_mask, checker, nfe, recorder=None):
+def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
     """A DecoderModel for one batch. Every call is checked (`checker`) and counted into `nfe`
     ([B] long): a call of k*B rows counts k forwards for every sample with a mask left,
     rows i, i + B, i + 2B, ... belonging to sample i (e.g. a guidance batch of 2B rows).
-    A `recorder` (trajectories.Recorder) sees each call's input, its counts and the logits returned."""
+    A `recorder` (trajectories.Recorder) sees each call's input, its counts and the logits returned;
+    a `cache` (kvcache.BatchCache, --cache prefix|dual) computes the forwards."""
     B, P = prompt_mask.shape
     padded = None if bool(prompt_mask.all()) else prompt_mask.to(lm.device)
 
@@ -270,7 +274,7 @@ def batch_model(lm, prompt_mask, checker, nfe, recorder=None):
         else:
             key_mask = None
         query_idx = None if query_idx is None else query_idx.to(lm.device)
-        logits = lm.logits(x, key_mask, positions, query_idx)
+        logits = lm.logits(x, key_mask, positions, query_idx, cache)
         if recorder is not None:
             recorder.returned(logits, query_idx, x.shape[1])
         return SimpleNamespace(logits=logits)
@@ -438,7 +442,7 @@ def decode_rows(cfg, lm, decoder, input_ids, prompt_mask, sample_ids, traces=Non
                           lm.mask_id, lm.n_tokens, getattr(decoder, "remasks", False))
     nfe = torch.zeros(len(sample_ids), dtype=torch.long)
     recorder = None if traces is None else trajectories.Recorder(len(sample_ids), cfg["gen_length"], lm.mask_id)
-    model = batch_model(lm, prompt_mask, checker, nfe, recorder)
+    model = batch_model(lm, prompt_mask, checker, nfe, recorder, kvcache.for_batch(cfg, lm, input_ids.shape[1]))
     result = decoder.decode(model, input_ids, cfg["gen_length"], cfg["steps"], cfg["block_length"])
     x, reported = checked_output(result, sample_ids[0], lm.device)
     checker.finish(x)
@@ -561,7 +565,7 @@ def summarize(cfg, task, records, run_dir, lm, started):
                    metrics=metrics, avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])),
                    n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records),
                    order=trajectories.order_summary([r["trace"] for r in records if "trace" in r]), details=details,
-                   environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS,
+                   environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(cfg),
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -585,7 +589,7 @@ def shared_run_dir(args, cfg, world):
     """The run directory (`<decoder>-<hash8>-<timestamp>`), named by rank 0 and shared with the others."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     name = args.resume or os.path.join(args.results_dir, cfg["label"],
-                                       f"{cfg['decoder']}-{cfg['fingerprint'][:8]}-{stamp}")
+                                       f"{cfg['decoder']}{kvcache.tag(cfg)}-{cfg['fingerprint'][:8]}-{stamp}")
     if world > 1:
         import torch.distributed as dist
         box = [name]
@@ -646,12 +650,13 @@ def decoder_source(cls):
 
 
 def decoder_fingerprint(cfg):
-    """sha256 (16 hex) of the decoder's source, its registry entry and its resolved arguments."""
+    """sha256 (16 hex) of the decoder's source, its registry entry, its resolved arguments and the
+    --cache mode (for a cached run only)."""
     info = DECODERS[cfg["decoder"]]
     accepted = inspect.signature(info.cls.__init__).parameters
     arguments = {k: v for k, v in cfg.items() if k in accepted and v is not None}
     arguments.update(info.fixed, **cfg["decoder_args"])
-    text = decoder_source(info.cls) + json.dumps(arguments, sort_keys=True, default=str)
+    text = decoder_source(info.cls) + json.dumps(arguments, sort_keys=True, default=str) + kvcache.tag(cfg)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 # ---------------------------------------------------------------------------
@@ -699,7 +704,7 @@ def sweep_run_name(cfg, overrides):
     configuration (decoder fingerprint and limit included; device excluded)."""
     stable = {k: v for k, v in cfg.items() if k not in ("device", "plugins")}
     digest = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    parts = [cfg["decoder"]] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
+    parts = [cfg["decoder"] + kvcache.tag(cfg)] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
     return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
 
 
@@ -841,6 +846,7 @@ def parse_args(argv):
         p.add_argument(f"--{name}", type=kind, help=FLAG_HELP.get(name, "override the label's value"))
     p.add_argument("--scorer", help="text labels: scorer LM (gpt2-large, a local path, or smollm2-135m)")
     p.add_argument("--device", help="cuda, cpu, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--cache", choices=kvcache.MODES, help="approximate KV cache, Fast-dLLM's (default: none, exact)")
     p.add_argument("--results_dir", default=os.path.join(REPO, "results"))
     p.add_argument("--resume", help="a run directory to continue (with no other run setting)")
     p.add_argument("--sweep", help="many configurations of the label, one model load, resumable: "
@@ -924,6 +930,7 @@ def label_config(args):
     cfg.update(decoder_args=parse_decoder_args(args.decoder_args), seed=1234 if args.seed is None else args.seed,
                device=args.device, limit=args.limit or cfg["limit"],
                batch_size=args.batch_size or cfg["batch_size"] or default_batch_size(decoder, args.device))
+    cfg.update(kvcache.setting(args.cache))
     return cfg
 
 
@@ -948,7 +955,7 @@ def resolve_config(args):
     return cfg
 
 
-RESUME_FLAGS = ("label", "model_path", "decoder", "decoder_args", "scorer", "sweep", "plugin",
+RESUME_FLAGS = ("label", "model_path", "decoder", "decoder_args", "scorer", "sweep", "plugin", "cache",
                 *(name for name, *_ in NUMERIC_FLAGS if name != "threads"))
 
 
@@ -968,7 +975,7 @@ def resume_config(args):
     sub = argparse.Namespace(**vars(args))
     sub.label, sub.model_path, sub.decoder, sub.device = stored["label"], stored["model"], stored["decoder"], args.device
     sub.decoder_args = ",".join(f"{k}={json.dumps(v)}" for k, v in stored["decoder_args"].items())
-    for key in (*RUN_KEYS, "seed", "limit", "batch_size"):
+    for key in (*RUN_KEYS, "seed", "limit", "batch_size", "cache"):
         if key in stored and hasattr(sub, key):
             setattr(sub, key, stored[key])
     cfg = resolve_config(sub)

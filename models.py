@@ -41,13 +41,17 @@ def apply_rotary(x, cos, sin):
     return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
-def attention(q, k, v, n_heads, n_kv_heads, rope, key_mask):
-    """Bidirectional multi-head attention; key_mask [B, 1, 1, T] (True = attend) or None."""
+def attention(q, k, v, n_heads, n_kv_heads, rope, key_mask, kv=None):
+    """Bidirectional multi-head attention; key_mask [B, 1, 1, T] (True = attend) or None. `kv`
+    (KVCache.layer) takes the rotated keys and values of the computed positions and returns those
+    of all T positions."""
     B, T, _ = q.shape
     q = q.view(B, T, n_heads, -1).transpose(1, 2)
     k = k.view(B, T, n_kv_heads, -1).transpose(1, 2)
     v = v.view(B, T, n_kv_heads, -1).transpose(1, 2)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+    if kv is not None:
+        k, v = kv(k, v)
     if n_kv_heads != n_heads:
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
@@ -69,10 +73,10 @@ class LLaDABlock(nn.Module):
         self.attn_out = nn.Linear(d, d, False)
         self.ff_proj, self.up_proj, self.ff_out = nn.Linear(d, hidden, False), nn.Linear(d, hidden, False), nn.Linear(hidden, d, False)
 
-    def forward(self, h, rope, key_mask):
+    def forward(self, h, rope, key_mask, kv=None):
         a = self.attn_norm(h)
         h = h + self.attn_out(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
-                                        self.n_heads, self.n_kv_heads, rope, key_mask))
+                                        self.n_heads, self.n_kv_heads, rope, key_mask, kv))
         m = self.ff_norm(h)
         return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
 
@@ -105,9 +109,9 @@ class DreamAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, kv), nn.Linear(d, kv)
         self.o_proj = nn.Linear(d, d, bias=False)
 
-    def forward(self, a, rope, key_mask):
+    def forward(self, a, rope, key_mask, kv=None):
         return self.o_proj(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
-                                     self.n_heads, self.n_kv_heads, rope, key_mask))
+                                     self.n_heads, self.n_kv_heads, rope, key_mask, kv))
 
 
 class DreamMLP(nn.Module):
@@ -128,8 +132,8 @@ class DreamBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
         self.self_attn, self.mlp = DreamAttention(c), DreamMLP(c)
 
-    def forward(self, h, rope, key_mask):
-        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask)
+    def forward(self, h, rope, key_mask, kv=None):
+        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask, kv)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -157,15 +161,20 @@ class Dream(nn.Module):
 def forward_logits(net, x, positions, key_mask, query_idx, blocks=None):
     """Logits [B, Q, V] aligned so that row j predicts token query_idx[:, j] (Dream's shift inside).
     `blocks`: callables that replace the net's blocks (compiled ones)."""
-    embed, net_blocks, norm, head = net.parts()
+    embed, net_blocks, _, _ = net.parts()
     blocks = blocks or net_blocks
     rope = rotary_tables(positions, net.head_dim, net.theta)
     h = embed(x)
     for block in blocks:
         h = block(h, rope, key_mask)
+    return head_logits(net, h, query_idx)
+
+
+def head_logits(net, h, query_idx):
+    """Logits [B, Q, V] for the tokens query_idx from the last hidden states h [B, T, d]."""
+    _, _, norm, head = net.parts()
     rows = (query_idx - net.shift).clamp(min=0)
-    h = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
-    return head(norm(h))
+    return head(norm(h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))))
 
 
 class GraphedForward:
@@ -217,6 +226,52 @@ def fast_forward(net):
 
 def network_forward(net, device):
     return fast_forward(net) if device.type == "cuda" else partial(forward_logits, net)
+
+
+# ---------------------------------------------------------------------------
+# A forward of some positions against cached keys and values (--cache, kvcache.py)
+
+class KVCache:
+    """Of each of `n_rows` rows, as its last full forward left them: per layer the keys and values
+    after RoPE and before the grouped-query repeat ([n_rows, kv heads, T, head_dim]), and the last
+    hidden states before the final norm ([n_rows, T, d])."""
+
+    def __init__(self, n_rows):
+        self.n_rows, self.keys, self.values, self.hidden = n_rows, {}, {}, None
+
+    def layer(self, i, rows, computed):
+        """Layer i's attention hook for the batch rows `rows`: a full forward (computed None) stores
+        their keys and values; otherwise those of the positions `computed` [r, Q] replace the cached
+        ones in a copy, which the queries attend to."""
+        def store(k, v):
+            for table, t in ((self.keys, k), (self.values, v)):
+                table.setdefault(i, t.new_zeros((self.n_rows, *t.shape[1:])))[rows] = t
+            return k, v
+
+        def merge(k, v):
+            index = computed[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            return self.keys[i][rows].scatter(2, index, k), self.values[i][rows].scatter(2, index, v)
+        return store if computed is None else merge
+
+
+def kv_forward(net, x, positions, key_mask, cache, rows, computed=None):
+    """Last hidden states [r, T, d] of the batch rows `rows` (x and positions [r, T], key_mask
+    [r, 1, 1, T] or None are theirs). computed None: a full forward that refreshes the rows' entries
+    of `cache`. Else only the positions `computed` [r, Q] (a position may repeat) run through the
+    layers, attending to the cached keys and values of the others, whose hidden states are the cached."""
+    embed, blocks, _, _ = net.parts()
+    if computed is not None:
+        x, positions = x.gather(1, computed), positions.gather(1, computed)
+    rope = rotary_tables(positions, net.head_dim, net.theta)
+    h = embed(x)
+    for i, block in enumerate(blocks):
+        h = block(h, rope, key_mask, cache.layer(i, rows, computed))
+    if computed is not None:
+        return cache.hidden[rows].scatter(1, computed[..., None].expand(-1, -1, h.shape[-1]), h)
+    if cache.hidden is None:
+        cache.hidden = h.new_zeros((cache.n_rows, *h.shape[1:]))
+    cache.hidden[rows] = h
+    return h
 
 
 # ---------------------------------------------------------------------------

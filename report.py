@@ -17,6 +17,7 @@ import numpy as np
 import report_html
 import trajectories
 from decoders import DECODERS, method_config_keys, method_position_score
+from kvcache import MODES
 
 ACCURACY_METRICS = ("accuracy", "pass@1")
 TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")
@@ -66,6 +67,8 @@ def read_run(results_dir, root, path, label_defaults, run_keys):
                details=summary.get("details") or {}, mtime=os.path.getmtime(path),
                avg_steps=float(metrics["avg_steps"]), n=int(metrics.get("n_samples", 0)),
                fingerprint=cfg.get("fingerprint"), root=root, order=summary.get("order") or {})
+    cache = cfg.get("cache", "none")  # cached runs form their own family, never mixed with exact ones
+    run["family"] = run["decoder"] + (f" +{cache} cache" if cache != "none" else "")
     run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
     run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
     value = metrics.get(run["metric"])
@@ -151,9 +154,12 @@ def slug(text):
 
 
 def family_order(name):
-    """The editable decoder first, then the registry's order, then unregistered names."""
+    """The editable decoder first, then the registry's order, then unregistered names; a cached
+    family ("threshold +dual cache") after its exact one."""
     names = ["default"] + [n for n in DECODERS if n != "default"]
-    return (names.index(name) if name in names else len(names), name)
+    decoder, _, cached = name.partition(" +")
+    mode = MODES.index(cached.split(" ")[0]) if cached else 0
+    return (names.index(decoder) if decoder in names else len(names), decoder, mode)
 
 
 def sort_value(value):
@@ -162,20 +168,21 @@ def sort_value(value):
 
 def row_key(run):
     """Runs in one leaderboard row share decoder, parameters, code fingerprint and (text) scorer LM."""
-    return run["decoder"], json.dumps(run["params"], sort_keys=True, default=str), run["fingerprint"], run["scorer_lm"]
+    return run["family"], json.dumps(run["params"], sort_keys=True, default=str), run["fingerprint"], run["scorer_lm"]
 
 
 def row_sort(run):
-    return family_order(run["decoder"]) + (sort_value(run["rep"]), json.dumps(run["params"], default=str),
+    return family_order(run["family"]) + (sort_value(run["rep"]), json.dumps(run["params"], default=str),
                                            str(run["fingerprint"]))
 
 
 def row_name(run):
-    """The decoder's name; rows of the editable decoder and of plugins carry their code hash."""
+    """The decoder's name (and its --cache mode); rows of the editable decoder and of plugins carry
+    their code hash."""
     name = run["decoder"]
     if run["fingerprint"] and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "decoders"):
         name += f" `{run['fingerprint'][:8]}`"
-    return name
+    return name + run["family"][len(run["decoder"]):]
 
 
 def run_caption(run):
@@ -414,7 +421,7 @@ def plot_name(label, scorer_lm, model, mine, runs):
 def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
     metric, short_model = pts[0]["metric"], os.path.basename(model.rstrip("/"))
     name = plot_name(label, scorer_lm, model, mine, runs)
-    points = [(r["avg_steps"], r["score"], r["decoder"],
+    points = [(r["avg_steps"], r["score"], r["family"],
                f"{row_name(r)} {params_text(r['params'])}" if r["params"] else row_name(r), r["score_std"]) for r in pts]
     scored = f", scorer {scorer_lm}" if scorer_lm else ""
     plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
@@ -428,7 +435,7 @@ def pbx_aup_lines(label, pts):
     y_max = max(r["score"] for r in pts)
     by_family = {}
     for r in pts:
-        by_family.setdefault(r["decoder"], []).append(r)
+        by_family.setdefault(r["family"], []).append(r)
     lines = [f"### {label}: PBx and AUP", "",
              "| decoder | configs | PB90 | PB80 | PB70 | PB60 | AUP |", "|---|---|---|---|---|---|---|"]
     for fam in sorted(by_family, key=family_order):
@@ -500,11 +507,13 @@ def model_lines(model, runs, out_dir):
 
 
 def csv_rows(model, mine):
-    return [dict(model=model, label=r["label"], decoder=r["decoder"], method_type=r["type"], rep_param=r["rep_name"], rep_value=r["rep"],
+    return [dict(model=model, label=r["label"], decoder=r["decoder"],
+                 method_type=r["type"], rep_param=r["rep_name"], rep_value=r["rep"],
                  params=json.dumps(r["params"], default=str), scorer_lm=r["scorer_lm"], metric=r["metric"],
                  score=r["score"], avg_steps=r["avg_steps"], tokens_per_step=r["tokens_per_forward"],
                  tps=r["pb_tps"], n_samples=r["n"], kendall_tau=r["order"].get("kendall_tau"),
-                 spearman_rho=r["order"].get("spearman_rho"), run_dir=r["dir"], fingerprint=r["fingerprint"])
+                 spearman_rho=r["order"].get("spearman_rho"), run_dir=r["dir"], fingerprint=r["fingerprint"],
+                 cache=r["cfg"].get("cache", "none"))
             for r in sorted(mine, key=lambda r: (r["label"], row_sort(r), r["dir"]))]
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_throughput.py --shapes llada,dream --batch_sizes 1,16      # GPU, random weights
     python scripts/bench_throughput.py --model_path models/tiny-llada --device cpu  # CPU, bundled model
+    python scripts/bench_throughput.py --shapes llada --batch_sizes 1,8 --cache none,prefix,dual  # --cache modes
 
 Random-weight models of the real LLaDA-8B / Dream-7B shapes are built on the device (no
 download). Prompts have the token lengths of the real MATH-500 prompts
@@ -12,10 +13,12 @@ forwards. Reported per batch size: ms per forward call, sample-forwards per seco
 useful TFLOP/s (each row at its own length: left padding is not counted) and its fraction of
 the bf16 planning bound (790 TFLOP/s: the dense bf16 matmul rate measured on an H200), and the projected
 minutes for the 500-sample label. On CUDA the forward is the harness's (compiled blocks, CUDA
-graphs) unless --eager. --profile adds a kernel-time breakdown; --invariance N the B=1 vs B=8
-agreement of greedy KLASS generations.
+graphs) unless --eager; --cache times the CLI's KV-cache modes (one row per batch size and mode;
+their forwards run eager, the FLOPs count only the positions they compute). --profile adds a
+kernel-time breakdown; --invariance N the B=1 vs B=8 agreement of greedy KLASS generations.
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
+import kvcache  # noqa: E402
 import models  # noqa: E402
 
 PEAK = 790e12
@@ -51,18 +55,22 @@ class CountingLM(cde.DiffusionLM):
     def reset_counts(self):
         self.calls, self.flops, self.padded_flops, self.attention_flops = 0, 0, 0, 0
 
-    def flops_at(self, T, Q):
-        return 2 * self.linear_params * T + 4 * T * T * self.width * self.layers + 2 * self.width * self.vocab_size * Q
+    def flops_at(self, T, C, Q):
+        """A forward that computes C of T positions (C = T unless --cache) and the logits of Q."""
+        return 2 * self.linear_params * C + 4 * C * T * self.width * self.layers + 2 * self.width * self.vocab_size * Q
 
-    def logits(self, x, key_mask, positions=None, query_idx=None):
-        live = (x == self.mask_id).any(1)
+    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
         T, Q = x.shape[1], x.shape[1] if query_idx is None else query_idx.shape[1]
-        lengths = [T] * int(live.sum()) if key_mask is None else key_mask[live.to(key_mask.device)].sum(1).tolist()
+        out = super().logits(x, key_mask, positions, query_idx, cache)
         self.calls += 1
-        self.flops += sum(self.flops_at(n, Q) for n in lengths)
-        self.padded_flops += len(lengths) * self.flops_at(T, Q)
-        self.attention_flops += len(lengths) * 4 * T * T * self.width * self.layers
-        return super().logits(x, key_mask, positions, query_idx)
+        live = (x == self.mask_id).any(1)
+        work = cache.work if cache is not None else [(live.nonzero().squeeze(1), T)]
+        for rows, C in work:
+            lengths = [T] * len(rows) if key_mask is None else key_mask[rows.to(key_mask.device)].sum(1).tolist()
+            self.flops += sum(self.flops_at(n, min(C, n), Q) for n in lengths)
+            self.padded_flops += len(lengths) * self.flops_at(T, C, Q)
+            self.attention_flops += len(lengths) * 4 * C * T * self.width * self.layers
+        return out
 
 
 def build(shape, model_path, device):
@@ -219,7 +227,8 @@ def profile(model, family, batch_size, args):
                 matmul_tflops=matmul_flops / by_kind.get("matmul", 1e-9) / 1e12)
 
 
-def bench(model, family, batch_size, args):
+def bench(model, family, batch_size, args, cache):
+    args = argparse.Namespace(**{**vars(args), "cache": cache})
     batches = label_batches(model, family, batch_size, args.samples)
     warm_up = argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16, "block_length": 16})
     run(model, batches[0], warm_up)
@@ -234,7 +243,7 @@ def bench(model, family, batch_size, args):
     rate = sample_forwards / seconds
     calls = model.calls
     bare = sum(bare_forward_ms(model, batch, args) for batch in batches) / len(batches)
-    return dict(model=family, batch=batch_size, samples=sum(map(len, batches)), temperature=args.temperature,
+    return dict(model=family, batch=batch_size, cache=cache, samples=sum(map(len, batches)), temperature=args.temperature,
                 top_p=args.top_p, ms_per_forward=1000 * seconds / calls, bare_ms_per_forward=bare,
                 decode_over_bare=1000 * seconds / calls / bare, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
                 padding_share=1 - model.flops / model.padded_flops,
@@ -254,6 +263,8 @@ def main():
     p.add_argument("--block_length", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="the decoder's token choice (Dream: with top_p)")
     p.add_argument("--top_p", type=float)
+    p.add_argument("--cache", dest="cache_modes", default="none", help="KV-cache modes to time, comma-separated: none, prefix, dual "
+                   "(the CLI's --cache; its forwards run eager)")
     p.add_argument("--eager", action="store_true", help="plain eager forward (no compiled blocks, no CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="also profile the largest batch size's kernels")
     p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
@@ -261,6 +272,8 @@ def main():
     args = p.parse_args()
     if args.profile and not args.device.startswith("cuda"):
         p.error("--profile measures GPU kernels: use it with a CUDA device")
+    if not set(args.cache_modes.split(",")) <= set(kvcache.MODES):
+        p.error(f"--cache takes {', '.join(kvcache.MODES)}, comma-separated; got {args.cache_modes!r}")
     torch.backends.cuda.matmul.allow_tf32 = True
     rows = []
     for shape in ([None] if args.model_path else args.shapes.split(",")):
@@ -271,11 +284,11 @@ def main():
             model.forward = partial(models.forward_logits, model.net)
         if args.invariance:
             rows.append(invariance(model, model.family, args.invariance, 8, args))
-        for b in map(int, args.batch_sizes.split(",")):
-            rows.append(bench(model, model.family, b, args))
+        for b, cache in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(",")):
+            rows.append(bench(model, model.family, b, args, cache))
             r = rows[-1]
-            print(f"{r['model']:6s} B={r['batch']:3d} n={r['samples']:4d}  {r['ms_per_forward']:8.2f} ms/forward  "
-                  f"{r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
+            print(f"{r['model']:6s} B={r['batch']:3d} cache {cache:6s} n={r['samples']:4d}  "
+                  f"{r['ms_per_forward']:8.2f} ms/forward  {r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
                   f"({100 * r['bound_fraction']:.0f}% of bound)  projected {r['projected_minutes']:.1f} min / 500 samples",
                   flush=True)
         if args.profile:

@@ -7,17 +7,21 @@ The shipped weights came from a time-budgeted run (--steps 1000000 --minutes 7.6
 shared with two other runs) that stopped after 9156 steps; the defaults replay that step count,
 with the cosine schedule over steps instead of time.
 
-Data: data/tiny_{math,code,text}_train.jsonl (scripts/make_tiny_data.py), plus fresh math
-problems from the same generator (seed MATH_EXTRA_SEED, test problems and stored ones
-excluded) up to --math_problems in total; tokenizer: models/tiny-llada. Each batch mixes the
-tasks by TASK_SHARE. Objective (LLaDA SFT): the answer region (response, <|eot_id|>, then
-<|endoftext|> padding up to the task's generation length) is masked with probability
-t ~ U(eps, 1] per example; cross-entropy on the masked positions, weighted by 1/t and
-normalised by the answer length. Prompts are left-padded and key-masked exactly as at
+Data: data/tiny_{math,code,text}_train.jsonl (scripts/make_tiny_data.py) and the SmolLM2
+corpus data/tiny_text_corpus.jsonl.gz (scripts/make_text_corpus.py), plus fresh math problems
+from the same generator (seed MATH_EXTRA_SEED, test problems and stored ones excluded) up to
+--math_problems in total; tokenizer: models/tiny-llada. Each batch mixes four kinds of examples
+by --task_share: math and code (chat SFT), text (a document prefix of TEXT_PREFIX tokens as the
+prompt, its next 48 tokens as the answer: the tiny-text task) and raw (a 64-token window of a
+document behind <|startoftext|> alone, every token maskable: LLaDA's pre-training objective).
+Objective (LLaDA SFT): the answer region (response, <|eot_id|>, then <|endoftext|> padding up
+to the task's generation length) is masked with probability t ~ U(eps, 1] per example;
+cross-entropy on the masked positions, weighted by 1/t and normalised by the answer length. Prompts are left-padded and key-masked exactly as at
 evaluation time. All examples live on the device as one left-padded tensor, so a step
 launches no host work; on CUDA the step is compiled with torch.compile.
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -37,10 +41,12 @@ import make_tiny_data  # noqa: E402
 
 ROOT = cde.REPO
 OUT = os.path.join(ROOT, "models", "tiny-llada")
-GEN_LENGTH = {"math": 64, "code": 64, "text": 48}
-TASK_SHARE = {"math": 0.7, "code": 0.22, "text": 0.08}
+GEN_LENGTH = {"math": 64, "code": 64, "text": 48, "raw": 64}
+TASK_SHARE = "math:0.45,code:0.15,text:0.25,raw:0.15"
+TEXT_FILES = ("tiny_text_train.jsonl", "tiny_text_corpus.jsonl.gz")
 TEXT_PREFIX = (8, 24)
-TEXT_CUTS = 8
+TEXT_CUTS = 4
+RAW_WINDOWS = 2
 MATH_EXTRA_SEED = 7707
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "special_ids.json")
 
@@ -84,25 +90,42 @@ def answers(tokenizer, texts, length, special):
             for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
+def text_documents(tokenizer):
+    """Token ids of every training document (stored train split, then the SmolLM2 corpus)."""
+    texts = []
+    for name in TEXT_FILES:
+        path = os.path.join(ROOT, "data", name)
+        with (gzip.open(path, "rt", encoding="utf-8") if name.endswith(".gz") else open(path, encoding="utf-8")) as f:
+            texts += [json.loads(line)["text"] for line in f if line.strip()]
+    return [e.ids for e in tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def text_examples(documents, special, rng):
+    """Continuations (prefix -> next 48 tokens) and raw windows (every token maskable)."""
+    text, raw = [], []
+    bos, n = [special["bos_token_id"]], GEN_LENGTH["raw"]
+    for ids in documents:
+        for _ in range(TEXT_CUTS):
+            cut = rng.randint(*TEXT_PREFIX)
+            rest = ids[cut:cut + GEN_LENGTH["text"]]
+            if len(rest) >= 8:
+                text.append((bos + ids[:cut], pad_answer(rest, GEN_LENGTH["text"], special)))
+        for _ in range(RAW_WINDOWS):
+            start = rng.randint(0, max(0, len(ids) - n))
+            raw.append((bos, pad_answer(ids[start:start + n], n, special)))
+    return text, raw
+
+
 def build_examples(tokenizer, special, n_math):
-    """{task: [(prompt ids, answer ids)]} for the three tasks."""
+    """{kind: [(prompt ids, answer ids)]} for the four kinds of examples."""
     maths = math_problems(n_math)
     codes = tasks.read_jsonl(os.path.join(ROOT, "data", "tiny_code_train.jsonl"))
     examples = {
         "math": list(zip(chat_prompts(tokenizer, tasks.MATH_SYSTEM, [r["problem"] for r in maths]),
                          answers(tokenizer, [r["solution"] for r in maths], GEN_LENGTH["math"], special))),
         "code": list(zip(chat_prompts(tokenizer, tasks.CODE_SYSTEM, [r["prompt"] for r in codes]),
-                         answers(tokenizer, [r["completion"] for r in codes], GEN_LENGTH["code"], special))),
-        "text": []}
-    rng = random.Random(0)
-    for r in tasks.read_jsonl(os.path.join(ROOT, "data", "tiny_text_train.jsonl")):
-        ids = tokenizer(r["text"], add_special_tokens=False).input_ids
-        for _ in range(TEXT_CUTS):
-            cut = rng.randint(*TEXT_PREFIX)
-            rest = ids[cut:cut + GEN_LENGTH["text"]]
-            if len(rest) >= 8:
-                examples["text"].append(([special["bos_token_id"]] + ids[:cut],
-                                         pad_answer(rest, GEN_LENGTH["text"], special)))
+                         answers(tokenizer, [r["completion"] for r in codes], GEN_LENGTH["code"], special)))}
+    examples["text"], examples["raw"] = text_examples(text_documents(tokenizer), special, random.Random(0))
     for task, pairs in examples.items():
         kept = [(p, a) for p, a in pairs if a is not None]
         print(f"{task}: {len(kept)} examples, {len(pairs) - len(kept)} dropped (answer longer than the generation length)")
@@ -110,7 +133,15 @@ def build_examples(tokenizer, special, n_math):
     return examples
 
 
-def pack(examples, pad_id, device):
+def parse_share(text):
+    """'math:0.45,code:0.15,...' -> {kind: share}, every kind of GEN_LENGTH named once."""
+    share = {k: float(v) for k, v in (item.split(":") for item in text.split(","))}
+    if set(share) != set(GEN_LENGTH) or min(share.values()) < 0:
+        raise SystemExit(f"--task_share needs a non-negative share for each of {sorted(GEN_LENGTH)}")
+    return share
+
+
+def pack(examples, share, pad_id, device):
     """All examples left-padded into one tensor; per row the prompt and answer lengths and a sampling weight."""
     rows = [(task, p, a) for task, pairs in examples.items() for p, a in pairs]
     width = max(len(p) + len(a) for _, p, a in rows)
@@ -119,7 +150,7 @@ def pack(examples, pad_id, device):
         x[i, width - len(p) - len(a):] = torch.tensor(p + a)
     prompt_len = torch.tensor([len(p) for _, p, _ in rows])
     answer_len = torch.tensor([len(a) for _, _, a in rows])
-    weight = torch.tensor([TASK_SHARE[task] / len(examples[task]) for task, _, _ in rows])
+    weight = torch.tensor([share[task] / len(examples[task]) for task, _, _ in rows])
     return x.to(device), prompt_len.to(device), answer_len.to(device), weight.to(device)
 
 
@@ -153,6 +184,7 @@ def main():
     p.add_argument("--n_heads", type=int, default=4)
     p.add_argument("--mlp", type=int, default=384)
     p.add_argument("--math_problems", type=int, default=300_000, help="stored ones first, then fresh ones")
+    p.add_argument("--task_share", default=TASK_SHARE, help="sampling share of each kind of example")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=OUT)
     args = p.parse_args()
@@ -163,7 +195,8 @@ def main():
     special = json.load(open(os.path.join(OUT, "special_ids.json")))
     config = model_config(special, args)
     data_start = time.time()
-    x_all, prompt_all, answer_all, weight = pack(build_examples(tokenizer, special, args.math_problems),
+    share = parse_share(args.task_share)
+    x_all, prompt_all, answer_all, weight = pack(build_examples(tokenizer, special, args.math_problems), share,
                                                  special["eos_token_id"], args.device)
     print(f"{len(x_all)} examples of width {x_all.shape[1]} ready in {time.time() - data_start:.0f} s")
     net = models.LLaDA(config).to(args.device)

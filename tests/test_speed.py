@@ -24,12 +24,16 @@ def run_script(*args, timeout=600):
 def test_bench_cpu_mode_on_bundled_model(tmp_path):
     out = run_script(BENCH, "--model_path", os.path.join(REPO, "models", "tiny-llada"), "--device", "cpu",
                      "--batch_sizes", "1,3", "--samples", "1", "--gen_length", "16", "--steps", "16",
-                     "--block_length", "8", "--invariance", "3", "--json", str(tmp_path / "bench.json"))
+                     "--block_length", "8", "--invariance", "3", "--cache", "none,dual", "--json",
+                     str(tmp_path / "bench.json"))
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
-    speed = {r["batch"]: r for r in rows if "ms_per_forward" in r}
-    assert set(speed) == {1, 3} and all(r["ms_per_forward"] > 0 for r in speed.values())
-    assert speed[3]["samples"] == 3 and speed[1]["samples"] == 1
+    speed = {(r["batch"], r["cache"]): r for r in rows if "ms_per_forward" in r}
+    assert set(speed) == {(1, "none"), (3, "none"), (1, "dual"), (3, "dual")}
+    assert all(r["ms_per_forward"] > 0 for r in speed.values())
+    assert speed[3, "none"]["samples"] == 3 and speed[1, "none"]["samples"] == 1
+    work = {k: r["tflops"] * r["ms_per_forward"] for k, r in speed.items()}  # FLOPs per forward (/ 1e9)
+    assert work[1, "dual"] < work[1, "none"] and work[3, "dual"] < work[3, "none"]  # dual computes fewer positions
     (inv,) = [r for r in rows if "identical_fraction" in r]
     assert inv["dtype"] == "torch.float32" and inv["identical_fraction"] == 1.0 and inv["identical_tokens"] == 1.0
     assert inv["avg_steps_alone"] == inv["avg_steps_batched"]

@@ -1,0 +1,120 @@
+"""`--cache prefix|dual`: approximate KV caching after Fast-dLLM, in the model handle of one batch.
+
+Fast-dLLM (Wu et al., arXiv 2505.22618; NVlabs/Fast-dLLM llada/generate.py, generate_with_prefix_cache
+and generate_with_dual_cache) decodes block by block: the first forward of a block runs over the whole
+sequence and keeps every layer's keys and values; the block's later forwards compute only the block
+and everything after it (prefix) or only the block (dual), attending to the cached keys and values of
+the other positions, which therefore stay as they were at the block's first forward. Here the model
+handle does this for every decoder, which keeps calling model(x) as before (see BatchCache).
+"""
+import torch
+
+import models
+
+MODES = ("none", "prefix", "dual")
+
+
+def setting(mode):
+    """The run configuration's entry: {"cache": mode} for a cached run; an exact run has none, so its
+    configuration, fingerprint and run names are those of the harness without this option."""
+    return {} if mode in (None, "none") else {"cache": mode}
+
+
+def tag(cfg):
+    """'+prefix' / '+dual' in run names and fingerprints of cached runs, '' for exact ones."""
+    return f"+{cfg['cache']}" if cfg.get("cache", "none") != "none" else ""
+
+
+def for_batch(cfg, lm, prompt_width):
+    """The BatchCache of one batch of a cached run, None for an exact one."""
+    if cfg.get("cache", "none") == "none":
+        return None
+    return BatchCache(lm, cfg["cache"], prompt_width, cfg["block_length"])
+
+
+def deviations(cfg):
+    """The entry summary.json's deviation list gets for a cached run (none for an exact one)."""
+    mode = cfg.get("cache", "none")
+    if mode == "none":
+        return []
+    computed = "the block and every position after it" if mode == "prefix" else "the block"
+    return [f"--cache {mode}: approximate KV caching after Fast-dLLM (arXiv 2505.22618; NVlabs/Fast-dLLM "
+            f"llada/generate.py generate_with_{mode}_cache): a row's first forward in a block runs in full and keeps "
+            f"every layer's keys and values; its later forwards in the block compute only {computed}, attending to "
+            "the cached keys and values of the other positions, whose logits are those of the block's first forward. "
+            "Unlike Fast-dLLM, the cache is kept per row and also refreshed when the row's key mask, positions or the "
+            "token at a position not recomputed changed; for Dream the computed positions start one to the left, at "
+            "the one that predicts the block's first token (Fast-dLLM's Dream code reuses the block's first output "
+            "for it and commits the block's first token at the full forward)."]
+
+
+class BatchCache:
+    """The KV cache of one batch's model handle: called as lm.logits is, (x, key_mask, positions,
+    query_idx) -> fp32 logits [R, Q, V], rows without a mask token not computed (zeros) unless no
+    row has one.
+
+    A row's current block is the first block of its generation that still holds a mask token. A row
+    is refreshed (a full forward that stores its keys, values and last hidden states) on the first
+    call, when the call has another number of rows than the last one, when its current block changed,
+    when its generation holds no mask, and when its key mask, its positions or the token at a
+    position the mode does not recompute differ from its last refresh. Otherwise only the mode's
+    positions are computed (`window`), and logits of the other positions come from the refresh's
+    hidden states. `work` lists the forwards of the last call: (its rows, positions computed per row).
+    """
+
+    def __init__(self, lm, mode, prompt_width, block_length):
+        self.lm, self.mode, self.P, self.L = lm, mode, prompt_width, block_length
+        self.cache, self.work = None, []
+
+    def window(self, block, T):
+        """[R, T] bool: the positions a cached forward computes. From the position that predicts the
+        block's first token (the block's start; Dream: one to the left) to the block's end (dual) or
+        to the end of the sequence (prefix)."""
+        start = self.P + block * self.L
+        end = start + self.L if self.mode == "dual" else torch.full_like(start, T)
+        i = torch.arange(T, device=block.device)[None]
+        return (i >= (start - self.lm.net.shift)[:, None]) & (i < end[:, None])
+
+    @torch.no_grad()
+    def __call__(self, x, key_mask, positions, query_idx):
+        R, T = x.shape
+        keys = torch.ones_like(x, dtype=torch.bool) if key_mask is None else key_mask
+        positions = (keys.long().cumsum(1) - 1).clamp(min=0) if positions is None else positions.to(x.device)
+        query = torch.arange(T, device=x.device).expand(R, T) if query_idx is None else query_idx
+        if self.cache is None or self.cache.n_rows != R:
+            self.cache, self.block = models.KVCache(R), torch.full((R,), -1, device=x.device)
+            self.x, self.keys, self.positions = x.clone(), keys.clone(), positions.clone()
+
+        # which rows to refresh, which to compute in part
+        masked = x[:, self.P:] == self.lm.mask_id
+        live = (x == self.lm.mask_id).any(1)
+        compute = live if bool(live.any()) else torch.ones_like(live)
+        block = torch.where(masked.any(1), masked.float().argmax(1).long() // self.L, -1)
+        window = self.window(block, T)
+        stale = ((block < 0) | (block != self.block) | (keys != self.keys).any(1)
+                 | (positions != self.positions).any(1) | ((x != self.x) & ~window).any(1))
+
+        # the forwards; a refresh keeps the row's inputs
+        logits = torch.zeros(R, query.shape[1], self.lm.vocab_size, device=x.device)
+        self.work = []
+        for rows, part in ((compute & stale, False), (compute & ~stale, True)):
+            if not bool(rows.any()):
+                continue
+            idx = rows.nonzero().squeeze(1)
+            computed = self.positions_of(window[idx]) if part else None
+            attend = None if key_mask is None else key_mask[idx][:, None, None, :]
+            h = models.kv_forward(self.lm.net, x[idx], positions[idx], attend, self.cache, idx, computed)
+            logits[idx] = models.head_logits(self.lm.net, h, query[idx]).float()
+            self.work.append((idx, T if computed is None else computed.shape[1]))
+            if not part:
+                self.x[idx], self.keys[idx] = x[idx], keys[idx]
+                self.positions[idx], self.block[idx] = positions[idx], block[idx]
+        return logits
+
+    @staticmethod
+    def positions_of(window):
+        """[r, Q] indices of each row's window (one run of positions), the shorter runs padded by
+        repeating their last position (a repeat computes the same keys and values again)."""
+        first, count = window.float().argmax(1).long(), window.sum(1)
+        offsets = torch.arange(int(count.max()), device=window.device)[None]
+        return first[:, None] + torch.minimum(offsets, (count - 1)[:, None])
