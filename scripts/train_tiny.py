@@ -3,9 +3,9 @@
     python scripts/train_tiny.py --device cuda                    # the shipped weights' recipe
     python scripts/train_tiny.py --device cpu --steps 50 --math_problems 0 --out /tmp/tiny   # smoke run
 
-The shipped weights came from a time-budgeted run (--steps 1000000 --minutes 7.6 on an H100
-shared with two other runs) that stopped after 9156 steps; the defaults replay that step count,
-with the cosine schedule over steps instead of time.
+The shipped weights came from a time-budgeted run (--steps 1000000 --minutes 4.2 on an H200
+shared with one other training run) that stopped after 8444 steps; the defaults replay that step
+count, with the cosine schedule over steps instead of time.
 
 Data: data/tiny_{math,code,text}_train.jsonl (scripts/make_tiny_data.py) and the SmolLM2
 corpus data/tiny_text_corpus.jsonl.gz (scripts/make_text_corpus.py), plus fresh math problems
@@ -42,7 +42,7 @@ import make_tiny_data  # noqa: E402
 ROOT = cde.REPO
 OUT = os.path.join(ROOT, "models", "tiny-llada")
 GEN_LENGTH = {"math": 64, "code": 64, "text": 48, "raw": 64}
-TASK_SHARE = "math:0.45,code:0.15,text:0.25,raw:0.15"
+TASK_SHARE = "math:0.6,code:0.18,text:0.13,raw:0.09"
 TEXT_FILES = ("tiny_text_train.jsonl", "tiny_text_corpus.jsonl.gz")
 TEXT_PREFIX = (8, 24)
 TEXT_CUTS = 4
@@ -175,7 +175,7 @@ def diffusion_loss(net, x, prompt_len, answer_len, mask_id, eps=1e-3):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=9156)
+    p.add_argument("--steps", type=int, default=8444)
     p.add_argument("--minutes", type=float, default=30.0, help="stop after this much training time")
     p.add_argument("--batch_size", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
