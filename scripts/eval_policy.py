@@ -136,7 +136,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.model_path = args.model_path or cde.LABELS[args.label]["model"]
     args.results = results_dir(args.results_dir, args.model_path)
-    spec = sweep_spec(args, [c for path in args.policies for c in checkpoints(path, args.checkpoints)])
+    found = {path: checkpoints(path, args.checkpoints) for path in args.policies}
+    if not all(found.values()):
+        p.error(f"no policy folder or checkpoint asked for in {', '.join(k for k, v in found.items() if not v)}")
+    spec = sweep_spec(args, [folder for folders in found.values() for folder in folders])
     modes = {block_length: evaluate_mode(args, spec, block_length, passed)
              for block_length in map(int, args.block_lengths.split(","))}
     for block_length, results in modes.items():

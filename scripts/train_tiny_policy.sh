@@ -16,6 +16,7 @@
 # this repository's 2-core CPU a step of the same configuration takes about 300 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1  # everything is local (the GPU machine reaches no network)
 runs=runs/tiny-policy-gpu
 if [ -e "$runs" ]; then
     echo "error: $runs exists; move it away first (train_policy.py --resume continues a run)" >&2

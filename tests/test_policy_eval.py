@@ -4,6 +4,8 @@ import os
 import re
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -64,3 +66,10 @@ def test_both_modes_through_the_cli_with_verdicts_and_csv(tmp_path, capsys, monk
         (b, c) for b in ("64", "32") for c in ("threshold alg_threshold=0.9", "policy models/tiny-policy T=1.0")}
     assert {r["n"] for r in rows} == {"2"} and {"accuracy", "avg_steps"} <= {r["metric"] for r in rows}
     assert re.fullmatch(r"tiny-llada-[0-9a-f]{12}", " ".join(os.listdir(tmp_path / "results")))
+
+
+def test_a_path_without_a_policy_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_policy.main([os.path.join(REPO, "models", "tiny-policy"), str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"no policy folder or checkpoint asked for in {tmp_path}" in capsys.readouterr().err
