@@ -792,10 +792,30 @@ def mauve_stats(p_feats, q_feats, seeds=MAUVE_SEEDS):
 
 
 def _cached_features(scorer, texts, max_len, batch_size):
-    """Features of `texts`, memoised on the scorer object (keyed by max_len and the texts' hash)."""
-    key = (max_len, hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest())
-    if key not in scorer.feature_cache:
-        scorer.feature_cache[key] = mauve_features_counted(scorer, texts, max_len, batch_size)
+    """Features of `texts`, memoised on the scorer object (keyed by max_len and the texts' hash) and,
+    for the SmolLM2 scorer (its GGUF pinned by sha256), also on disk under demask_cache_dir(), keyed
+    by the GGUF, the scorer's dtype, torch's version, max_len and the texts: the human side of a
+    label's MAUVE is then computed once per machine, not once per run."""
+    import torch
+
+    digest = hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest()
+    key = (max_len, digest)
+    if key in scorer.feature_cache:
+        return scorer.feature_cache[key]
+    path = None
+    if scorer.name == SMOLLM2_NAME:
+        ident = f"{SMOLLM2_GGUF_SHA256}|{scorer.model.dtype}|{torch.__version__}|{max_len}|{digest}"
+        path = os.path.join(demask_cache_dir(), "mauve-features", hashlib.sha256(ident.encode()).hexdigest()[:32] + ".npz")
+    if path and os.path.exists(path):
+        with np.load(path) as f:
+            scorer.feature_cache[key] = (f["features"], int(f["n_empty"]))
+        return scorer.feature_cache[key]
+    scorer.feature_cache[key] = mauve_features_counted(scorer, texts, max_len, batch_size)
+    if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, features=scorer.feature_cache[key][0], n_empty=scorer.feature_cache[key][1])
+        os.replace(tmp, path)
     return scorer.feature_cache[key]
 
 

@@ -252,6 +252,22 @@ def test_text_metrics_on_tiny_model(tok, records):
     assert again["mauve_per_seed"] == out["mauve_per_seed"] and len(sc.feature_cache) == 1
 
 
+def test_smollm2_human_features_are_cached_on_disk(tok, records, tmp_path, monkeypatch):
+    monkeypatch.setenv("DEMASK_CACHE", str(tmp_path))
+    calls = []
+    featurise = utils.mauve_features_counted
+    monkeypatch.setattr(utils, "mauve_features_counted", lambda *a, **k: calls.append(1) or featurise(*a, **k))
+    recs = [dict(r, continuation=r["reference"][:40]) for r in records[:12]]
+    model = tiny_gpt2(tok)
+    first = utils.text_metrics(utils.Scorer(utils.SMOLLM2_NAME, model, tok), recs, batch_size=8)
+    assert len(calls) == 2 and len(list((tmp_path / "mauve-features").glob("*.npz"))) == 1
+    again = utils.text_metrics(utils.Scorer(utils.SMOLLM2_NAME, model, tok), recs, batch_size=8)
+    assert len(calls) == 3                      # a fresh scorer featurised only the continuations
+    assert again["mauve_per_seed"] == first["mauve_per_seed"]
+    other = utils.text_metrics(utils.Scorer("tiny-gpt2", model, tok), recs, batch_size=8)
+    assert len(calls) == 5 and other["mauve_per_seed"] == first["mauve_per_seed"]   # other scorers: not on disk
+
+
 # ---------------------------------------------------------------- data file
 
 def test_data_file_selection(records, tok):
