@@ -116,7 +116,8 @@ class PolicyNet(nn.Module):
 
 def save_policy(net, folder):
     os.makedirs(folder, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, os.path.join(folder, "model.safetensors"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+              os.path.join(folder, "model.safetensors"))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(asdict(net.config), f, indent=1)
 
@@ -219,8 +220,9 @@ class PolicyDecoder(BlockDecoder):
     dLLM's proposed tokens there. With full_context (the policy's config) the policy sees the whole
     generation, otherwise the current block only. `trace`, when a list (training), receives one
     record per forward: the policy's inputs, the candidates, the action and its log-likelihood.
-    `expert_threshold`, when set (training's expert steering), replaces the policy's choice by
-    Fast-dLLM's threshold rule (confidence >= tau, at least the most confident position)."""
+    `expert_rows` ([B] bool, training's expert steering), when set, replaces the policy's choice in
+    those rows by Fast-dLLM's threshold rule (confidence >= `expert_threshold`, at least the most
+    confident position), scored by the policy."""
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, policy_path="models/tiny-policy",
                  sampling_mode="bernoulli-argmax", policy_temperature=1.0):
@@ -235,7 +237,7 @@ class PolicyDecoder(BlockDecoder):
         self.net = load_policy(self.policy_path)
         self.sampling_mode, self.policy_temperature = sampling_mode, float(policy_temperature)
         self.whole_generation = self.net.config.full_context
-        self.trace, self.expert_threshold = None, None
+        self.trace, self.expert_rows, self.expert_threshold = None, None, None
 
     def info(self, gen_length, steps, block_length):
         with open(os.path.join(self.policy_path, "model.safetensors"), "rb") as f:
@@ -243,6 +245,7 @@ class PolicyDecoder(BlockDecoder):
         return dict(policy_weights_sha256=digest, policy_config=asdict(self.net.config))
 
     def start(self, batch):
+        self.net.to(batch.device)
         batch.forwards = torch.zeros(batch.size, dtype=torch.long, device=batch.device)
 
     def select(self, logits, candidates, k, step, batch):
@@ -253,14 +256,12 @@ class PolicyDecoder(BlockDecoder):
         batch.forwards += active.long()
         with torch.no_grad():
             policy_logits = self.net(top1, batch.masked, t).double()
-        if self.expert_threshold is None:
-            commit, action, logp = choose(policy_logits, candidates, self.sampling_mode, self.policy_temperature,
-                                          self.net.stop.double())
-        else:
-            commit = candidates & (conf >= self.expert_threshold) | argmax_fallback(conf, candidates)
-            action = commit
-            logp = action_logp(policy_logits, candidates, action, self.sampling_mode, self.policy_temperature,
-                               self.net.stop.double())
+        stop = self.net.stop.double()
+        commit, action, logp = choose(policy_logits, candidates, self.sampling_mode, self.policy_temperature, stop)
+        if self.expert_rows is not None:
+            expert = candidates & (conf >= self.expert_threshold) | argmax_fallback(conf, candidates)
+            commit = action = torch.where(self.expert_rows[:, None], expert, commit)
+            logp = action_logp(policy_logits, candidates, action, self.sampling_mode, self.policy_temperature, stop)
         if self.trace is not None:
             self.trace.append(dict(conf=top1, masked=batch.masked, t=t, candidates=candidates, action=action,
                                    logp=logp, active=active))

@@ -233,18 +233,18 @@ def merge_seeds(runs):
 # Pareto fronts, PBx and AUP
 
 
+def dominates(q, p):
+    """Points (steps, score, family, text[, score_std]): q has no more steps than p and q's score
+    minus its std is at least p's score plus its std, so points within each other's error bars
+    never dominate each other (with std 0 the plain rule)."""
+    return q[0] <= p[0] and q[1] - (q[4] if len(q) > 4 else 0.0) >= p[1] + (p[4] if len(p) > 4 else 0.0)
+
+
 def pareto_front(points):
-    """Points (steps, score, family, text[, score_std]) that no other point dominates, by steps
-    ascending. q dominates p when q has no more steps and q's score minus its std is at least p's
-    score plus its std: points within each other's error bars are never called dominated (with one
-    seed, std 0: the plain rule, a tie going to the point with fewer steps)."""
-    front, best = [], -math.inf
-    for p in sorted(points, key=lambda p: (p[0], -p[1])):
-        spread = p[4] if len(p) > 4 else 0.0
-        if p[1] + spread > best:
-            front.append(p)
-        best = max(best, p[1] - spread)
-    return front
+    """The points that no point before them (by steps ascending, then score descending) dominates,
+    in that order: a tie of steps and score goes to the first."""
+    ordered = sorted(points, key=lambda p: (p[0], -p[1]))
+    return [p for i, p in enumerate(ordered) if not any(dominates(q, p) for q in ordered[:i])]
 
 
 def pb_scores(configs):

@@ -7,14 +7,17 @@ from d1's diffu-GRPO, dllm-reasoning/d1).
 
 One step: per process `prompts_per_step` training prompts, each decoded `num_generations` times by
 the frozen dLLM with the policy choosing the positions (plus `expert_generations` Fast-dLLM
-threshold rollouts per group when set), judged by the task; reward = correct *
+threshold rollouts per group when set; all rollouts of a step are one batch), judged by the task;
+reward = correct *
 ((L - steps + 1) / L) ** alpha (`mult`; `add` is correct - alpha * steps / L, the paper's
 ablation that was reward-hacked), advantage = reward - group mean (no std normalisation), then
 `num_iterations` AdamW updates of the clipped-ratio objective (epsilon, beta = 0: no KL). A step
 whose advantages are all 0 updates nothing. Checkpoints: OUT/checkpoint-N/ (policy, optimizer,
-scheduler, step); --resume continues from the latest.
+scheduler, step); --resume continues from the latest. Runs on cuda when there is a GPU; a run stops
+after `max_minutes` (if set) with a checkpoint of the step it reached.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -27,6 +30,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
+import models  # noqa: E402
 import policy  # noqa: E402
 
 DEFAULTS = dict(model_path="models/tiny-llada", task="math", train_data="data/tiny_math_train.jsonl", gen_length=64,
@@ -37,7 +41,7 @@ DEFAULTS = dict(model_path="models/tiny-llada", task="math", train_data="data/ti
                 alpha_compute_reward=1.0, num_generations=8, expert_generations=0, expert_threshold=0.9,
                 prompts_per_step=2, num_iterations=2, epsilon=0.5, beta=0.0, learning_rate=3e-5,
                 adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1, max_grad_norm=0.2, warmup_steps=100,
-                max_steps=1000, save_steps=100, seed=123)
+                max_steps=1000, max_minutes=None, save_steps=100, model_dtype=None, seed=123)
 REWARDS = ("correctness_mult", "correctness_add")
 
 # ---------------------------------------------------------------------------
@@ -58,6 +62,8 @@ def load_config(path):
         raise ValueError("expert steering needs a Bernoulli sampling_mode (a threshold set has no pick order)")
     if cfg["beta"] != 0:
         raise ValueError("beta must be 0 (no KL term, as in the paper)")
+    if cfg["model_dtype"] not in (None, "float32", "bfloat16") or not (cfg["max_minutes"] is None or cfg["max_minutes"] > 0):
+        raise ValueError("model_dtype is null, float32 or bfloat16; max_minutes is null or > 0")
     return cfg
 
 
@@ -87,37 +93,43 @@ def advantages(rewards, group):
 # Rollouts
 
 
-def rollout(cfg, lm, decoder, task, samples, expert):
-    """Decode the samples (one row each) under the rule checks, as the harness does; returns the
-    stacked trace (every forward's record, rows of all steps concatenated), the counted forwards
-    and the correctness per row."""
-    decoder.trace, decoder.expert_threshold = [], cfg["expert_threshold"] if expert else None
+def rollout(cfg, lm, decoder, task, prompts):
+    """Every rollout of a step as one batch, decoded under the rule checks as the harness does:
+    prompt i's G = num_generations + expert_generations rows are i * G ... i * G + G - 1, the
+    policy's first, then the expert's. Returns the stacked trace (every forward's record, the rows
+    of all forwards concatenated; trace["row"] indexes the rows), the counted forwards, the
+    correctness and the expert flag per row."""
+    n, G = cfg["num_generations"], cfg["num_generations"] + cfg["expert_generations"]
+    expert = torch.arange(G).repeat(len(prompts)) >= n
+    samples = [s for s in prompts for _ in range(G)]
+    decoder.trace = []
+    decoder.expert_rows = expert.to(lm.device) if cfg["expert_generations"] else None
+    decoder.expert_threshold = cfg["expert_threshold"]
     run_cfg = dict(gen_length=cfg["gen_length"], steps=cfg["gen_length"], block_length=cfg["block_length"])
     input_ids, prompt_mask = cde.left_pad([s["prompt_ids"] for s in samples], lm.pad_id)
     gens, counted, _ = cde.decode_rows(run_cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in samples])
     _, _, verdicts = cde.judge_batch(lm, task, samples, gens)
-    trace = {k: torch.cat([step[k] for step in decoder.trace]) for k in decoder.trace[0]}
-    trace["row"] = torch.arange(len(samples)).repeat(len(decoder.trace))
-    decoder.trace = None
-    return trace, torch.tensor(counted), torch.tensor([v["correct"] for v in verdicts])
+    trace, decoder.trace, decoder.expert_rows = stack_trace(decoder.trace), None, None
+    return trace, torch.tensor(counted), torch.tensor([v["correct"] for v in verdicts]), expert
+
+
+def stack_trace(records):
+    """The per-forward records of all rows as one trace of the rows that still had masks, with
+    trace["row"] the row of each record."""
+    trace = {k: torch.cat([record[k] for record in records]) for k in records[0]}
+    B = records[0]["active"].numel()
+    trace["row"] = torch.arange(B, device=trace["active"].device).repeat(len(records))
+    live = trace.pop("active")
+    return {k: v[live] for k, v in trace.items()}
 
 
 def collect(cfg, lm, decoder, task, prompts):
-    """Policy rollouts (then the expert's) of each prompt. Rewards, advantages, correctness and
-    steps are group-major (prompt i's rollouts at i * G ... i * G + G - 1); trace["row"] indexes them."""
-    sizes = [cfg["num_generations"], cfg["expert_generations"]]
-    G, parts = sum(sizes), []
-    for expert, n in enumerate(sizes):
-        if n:
-            trace, steps, correct = rollout(cfg, lm, decoder, task, [s for s in prompts for _ in range(n)], bool(expert))
-            trace["row"] = trace["row"] // n * G + trace["row"] % n + expert * sizes[0]
-            parts.append((trace, steps.view(-1, n), correct.view(-1, n)))
-    trace = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
-    steps = torch.cat([p[1] for p in parts], 1).flatten()
-    correct = torch.cat([p[2] for p in parts], 1).flatten()
+    """The step's rollouts with their rewards and advantages (group-major, see `rollout`)."""
+    trace, steps, correct, expert = rollout(cfg, lm, decoder, task, prompts)
     r = sum(w * reward(correct, steps, cfg["gen_length"], cfg["alpha_compute_reward"], form)
             for form, w in zip(cfg["reward_functions"], cfg["reward_weights"]))
-    return trace, r, advantages(r, G), correct, steps
+    G = cfg["num_generations"] + cfg["expert_generations"]
+    return trace, r, advantages(r, G).to(lm.device), correct, steps, expert
 
 # ---------------------------------------------------------------------------
 # The GRPO objective
@@ -126,18 +138,15 @@ def collect(cfg, lm, decoder, task, prompts):
 def grpo_loss(cfg, net, trace, adv):
     """Clipped-ratio objective over the recorded steps: per rollout the mean over its steps of
     min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), then the mean over rollouts (negated)."""
-    live = trace["active"]
-    logits = net(trace["conf"][live], trace["masked"][live], trace["t"][live]).double()
-    logp = policy.action_logp(logits, trace["candidates"][live], trace["action"][live], cfg["sampling_mode"],
+    logits = net(trace["conf"], trace["masked"], trace["t"]).double()
+    logp = policy.action_logp(logits, trace["candidates"], trace["action"], cfg["sampling_mode"],
                               cfg["policy_temperature"], getattr(net, "module", net).stop.double())
-    ratio = torch.exp(logp - trace["logp"][live])
-    a = adv[trace["row"][live]]
-    eps = cfg["epsilon"]
+    ratio = torch.exp(logp - trace["logp"])
+    rows, a, eps = trace["row"], adv[trace["row"]], cfg["epsilon"]
     per_step = torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
-    rows = trace["row"][live]
-    n = torch.zeros(adv.numel(), dtype=torch.float64).index_add_(0, rows, torch.ones_like(per_step))
-    per_row = torch.zeros(adv.numel(), dtype=torch.float64).index_add_(0, rows, per_step) / n.clamp(min=1)
-    return -per_row.mean()
+    zeros = torch.zeros(adv.numel(), dtype=torch.float64, device=adv.device)
+    n = zeros.index_add(0, rows, torch.ones_like(per_step))
+    return -(zeros.index_add(0, rows, per_step) / n.clamp(min=1)).mean()
 
 
 def lr_lambda(cfg):
@@ -153,7 +162,8 @@ def lr_lambda(cfg):
 
 
 def latest_checkpoint(out):
-    steps = [int(n.split("-")[1]) for n in os.listdir(out) if n.startswith("checkpoint-")] if os.path.isdir(out) else []
+    names = os.listdir(out) if os.path.isdir(out) else []
+    steps = [int(n.split("-")[1]) for n in names if n.startswith("checkpoint-") and n.split("-")[1].isdigit()]
     return os.path.join(out, f"checkpoint-{max(steps)}") if steps else None
 
 
@@ -169,7 +179,7 @@ def save_checkpoint(out, step, net, optimizer, scheduler):
 
 def load_checkpoint(folder, net, optimizer, scheduler):
     net.load_state_dict(policy.load_policy(folder).state_dict())
-    state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
+    state = torch.load(os.path.join(folder, "trainer_state.pt"), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     return state["step"]
@@ -179,31 +189,78 @@ def load_checkpoint(folder, net, optimizer, scheduler):
 
 
 def setup_distributed():
+    """(rank, world, device): gloo processes under torchrun (or accelerate launch), each on
+    cuda:LOCAL_RANK when there is a GPU, else on the CPU with one torch thread."""
+    rank, world = 0, 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def train(cfg, out, resume=False):
-    """Run GRPO until max_steps; returns the last step's metrics. Prompts and sampling are seeded
-    per step and process, so a resumed run draws what the uninterrupted one would have."""
-    from tqdm import tqdm
-    rank, world = setup_distributed()
-    torch.manual_seed(cfg["seed"])
+        rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        return rank, world, torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     torch.set_num_threads(1)
-    lm = cde.load_model(os.path.join(cde.REPO, cfg["model_path"]), device="cpu")
-    task = cde.TASKS[cfg["task"]]()
-    data = task.load(dict(data=cfg["train_data"]))
-    net = policy.PolicyNet(policy_config(cfg))
+    return rank, world, torch.device("cpu")
+
+
+def agreed(flag, world):
+    """True when any process says so, so that the processes skip and stop together."""
+    value = torch.tensor(float(flag))
+    if world > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value)
+
+
+def load_frozen_model(cfg, device):
+    """The dLLM in `model_dtype` (null: the harness's, bf16 on a GPU) with the plain forward: a
+    rollout batch drops its finished rows forward by forward, and the harness's GPU forward would
+    capture a CUDA graph for every new number of rows."""
+    dtype = getattr(torch, cfg["model_dtype"]) if cfg["model_dtype"] else None
+    lm = cde.load_model(os.path.join(cde.REPO, cfg["model_path"]), device=device, dtype=dtype)
+    lm.forward = functools.partial(models.forward_logits, lm.net)
+    return lm
+
+
+def build(cfg, device):
+    """The policy (initialised from the seed on the CPU, so alike on every device), AdamW and the
+    warm-up + cosine schedule."""
+    torch.manual_seed(cfg["seed"])
+    net = policy.PolicyNet(policy_config(cfg)).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg["learning_rate"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]),
                                   weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step = 0
-    if resume and latest_checkpoint(out):
-        step = load_checkpoint(latest_checkpoint(out), net, optimizer, scheduler)
-    # the STOP logit gets no gradient outside dpls
-    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
+    return net, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def step_prompts(cfg, lm, data, step, rank, world):
+    """This process's prompts of a step; seeds torch for the step's draws, so that a resumed run
+    draws what the uninterrupted one would have."""
+    seed = cfg["seed"] * 100003 + step * world + rank
+    prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in random.Random(seed).sample(data, cfg["prompts_per_step"])]
+    torch.manual_seed(seed)
+    return prompts
+
+
+def update(cfg, model, optimizer, scheduler, trace, adv):
+    """`num_iterations` AdamW updates of the GRPO objective on one step's rollouts; the last loss."""
+    for _ in range(cfg["num_iterations"]):
+        loss = grpo_loss(cfg, model, trace, adv)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+    return loss.item()
+
+
+def step_metrics(step, r, correct, steps, expert):
+    """Mean reward over all rollouts; accuracy and forwards of the policy's and of the expert's."""
+    metrics = dict(step=step, reward=float(r.mean()), accuracy=float(correct[~expert].float().mean()),
+                   mean_steps=float(steps[~expert].float().mean()))
+    if expert.any():
+        metrics.update(expert_accuracy=float(correct[expert].float().mean()),
+                       expert_steps=float(steps[expert].float().mean()))
+    return metrics
+
+
+def open_run(cfg, out, net, optimizer, scheduler, rank, world):
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
@@ -211,44 +268,52 @@ def train(cfg, out, resume=False):
         save_checkpoint(out, 0, net, optimizer, scheduler)
     if world > 1:
         dist.barrier()
+
+
+def train(cfg, out, resume=False):
+    """Run GRPO until max_steps, or until `max_minutes` have passed since the call (the step
+    reached is then checkpointed and --resume continues it on the same schedule); returns the
+    last step's metrics. Prompts and sampling are seeded per step and process, so a resumed run
+    draws what the uninterrupted one would have."""
+    from tqdm import tqdm
+    started = time.time()
+    rank, world, device = setup_distributed()
+    lm = load_frozen_model(cfg, device)
+    task = cde.TASKS[cfg["task"]]()
+    data = task.load(dict(data=cfg["train_data"]))
+    net, optimizer, scheduler = build(cfg, device)
+    step = load_checkpoint(latest_checkpoint(out), net, optimizer, scheduler) if resume and latest_checkpoint(out) else 0
+    # the STOP logit gets no gradient outside dpls
+    model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
+    open_run(cfg, out, net, optimizer, scheduler, rank, world)
     decoder = policy.PolicyDecoder(lm.mask_id, cfg["temperature"], policy_path=os.path.abspath(latest_checkpoint(out)),
                                    sampling_mode=cfg["sampling_mode"], policy_temperature=cfg["policy_temperature"])
     decoder.net = net  # rollouts use the network being trained
-    end, first = cfg["max_steps"], step
+    end, first, skipped, metrics = cfg["max_steps"], step, 0, {}
     bar = tqdm(total=end, initial=step, disable=rank != 0, desc="grpo")
-    skipped, metrics, log = 0, {}, open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
+    log = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None
     while step < end:
-        started = time.time()
-        rng = random.Random(cfg["seed"] * 100003 + step * world + rank)
-        prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in rng.sample(data, cfg["prompts_per_step"])]
-        torch.manual_seed(cfg["seed"] * 100003 + step * world + rank)
-        trace, r, adv, correct, steps = collect(cfg, lm, decoder, task, prompts)
-        live = torch.tensor(float(bool((adv != 0).any())))
-        if world > 1:
-            dist.all_reduce(live)
-        loss = torch.tensor(0.0)
-        if live > 0:
-            for _ in range(cfg["num_iterations"]):
-                loss = grpo_loss(cfg, model, trace, adv)
-                optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg["max_grad_norm"])
-                optimizer.step()
-                scheduler.step()
-        else:
-            skipped += 1
-        step += 1
-        metrics = dict(step=step, reward=float(r.mean()), accuracy=float(correct.float().mean()),
-                       mean_steps=float(steps.float().mean()), loss=loss.item(), lr=scheduler.get_last_lr()[0],
-                       skipped_fraction=skipped / (step - first), seconds=round(time.time() - started, 2))
+        step_started = time.time()
+        prompts = step_prompts(cfg, lm, data, step, rank, world)
+        trace, r, adv, correct, steps, expert = collect(cfg, lm, decoder, task, prompts)
+        live = agreed(bool((adv != 0).any()), world)
+        loss = update(cfg, model, optimizer, scheduler, trace, adv) if live else 0.0
+        skipped, step = skipped + (not live), step + 1
+        out_of_time = agreed(cfg["max_minutes"] is not None and time.time() - started >= 60 * cfg["max_minutes"], world)
+        metrics = dict(step_metrics(step, r, correct, steps, expert), loss=loss, lr=scheduler.get_last_lr()[0],
+                       skipped_fraction=skipped / (step - first), seconds=round(time.time() - step_started, 2))
         if rank == 0:
             bar.update(1)
             bar.write("POLICY_METRICS: " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                     for k, v in metrics.items()))
             log.write(json.dumps(metrics) + "\n")
             log.flush()
-            if step % cfg["save_steps"] == 0 or step == end:
+            if step % cfg["save_steps"] == 0 or step == end or out_of_time:
                 save_checkpoint(out, step, net, optimizer, scheduler)
+        if out_of_time:
+            bar.write(f"POLICY_STOP: max_minutes={cfg['max_minutes']} reached after step {step} of {end}; "
+                      f"checkpoint-{step} saved (--resume continues)")
+            break
     bar.close()
     if world > 1:
         dist.destroy_process_group()

@@ -125,6 +125,63 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(back(*x), net(*x))
 
 
+def step_rollouts(cfg, net, monkeypatch):
+    """One step's rollouts on the bundled model, with the generations handed to the judge."""
+    lm = train_policy.load_frozen_model(cfg, torch.device("cpu"))
+    task = cde.TASKS["math"]()
+    prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in task.load(dict(data=cfg["train_data"]))[:3]]
+    decoder = policy.PolicyDecoder(lm.mask_id, policy_path="models/tiny-policy", sampling_mode=cfg["sampling_mode"],
+                                   policy_temperature=cfg["policy_temperature"])
+    decoder.net, judged, judge = net, [], cde.judge_batch
+    monkeypatch.setattr(cde, "judge_batch", lambda lm, task, batch, gens: judged.extend(gens) or judge(lm, task, batch, gens))
+    return lm, prompts, train_policy.rollout(cfg, lm, decoder, task, prompts), judged
+
+
+def test_a_steps_rollouts_are_one_batch_equal_to_one_row_decodes(tmp_path, monkeypatch):
+    # a policy that never draws (sigmoid(-2 / 1e-3) = 0) falls back to its argmax, the lowest masked
+    # position: left to right, one per forward; the expert rows are the threshold rule
+    cfg = small_config(tmp_path, cde.TINY, gen_length=16, block_length=8, num_generations=2, expert_generations=1,
+                       policy_temperature=1e-3, expert_threshold=0.9)
+    torch.manual_seed(0)
+    lm, prompts, (trace, steps, correct, expert), judged = step_rollouts(cfg, policy.PolicyNet(policy.PolicyConfig()),
+                                                                         monkeypatch)
+    assert expert.tolist() == [False, False, True] * 3 and len(judged) == 9
+    run = dict(gen_length=16, steps=16, block_length=8)
+    for row, prompt in enumerate(s for s in prompts for _ in range(3)):
+        name, args = ("threshold", dict(alg_threshold=0.9)) if expert[row] else ("left_to_right", {})
+        gens, counted, _ = cde.decode_batch(run, lm, cde.build_decoder(name, lm.mask_id, run, args), [prompt], seed=0)
+        assert judged[row] == gens[0] and steps[row] == counted[0]
+    assert (steps[~expert] == 16).all() and (steps[expert] < 16).all()
+    assert torch.equal(trace["row"].bincount(minlength=9), steps)  # one record per counted forward of a row
+
+
+def test_recorded_likelihoods_are_the_ones_grpo_recomputes(tmp_path, monkeypatch):
+    cfg = small_config(tmp_path, cde.TINY, gen_length=16, block_length=16, num_generations=3, expert_generations=1)
+    torch.manual_seed(0)
+    net = policy.PolicyNet(policy.PolicyConfig())
+    torch.nn.init.normal_(net.out.weight, std=0.5)
+    _, _, (trace, steps, _, expert), _ = step_rollouts(cfg, net, monkeypatch)
+    logits = net(trace["conf"], trace["masked"], trace["t"]).double()
+    logp = policy.action_logp(logits, trace["candidates"], trace["action"], "bernoulli-argmax", 1.0, net.stop.double())
+    assert torch.allclose(logp, trace["logp"], atol=1e-9) and (logp < 0).any()
+    adv = torch.linspace(-1, 2, len(steps), dtype=torch.float64)
+    assert torch.isclose(train_policy.grpo_loss(cfg, net, trace, adv), -adv.mean())  # every ratio is 1
+
+
+def test_time_budget_stops_with_a_checkpoint_that_resumes_the_same_run(tmp_path, tiny_llada):
+    cfg = small_config(tmp_path, tiny_llada, max_steps=3, save_steps=10, expert_generations=1)
+    whole = train_policy.train(cfg, str(tmp_path / "whole"))
+    out = str(tmp_path / "budget")
+    stopped = train_policy.train(dict(cfg, max_minutes=1e-9), out)
+    assert stopped["step"] == 1 and train_policy.latest_checkpoint(out).endswith("checkpoint-1")
+    assert torch.load(os.path.join(out, "checkpoint-1", "trainer_state.pt"), weights_only=False)["step"] == 1
+    os.makedirs(os.path.join(out, "checkpoint-7.tmp"))  # a save that was cut short is not a checkpoint
+    resumed = train_policy.train(cfg, out, resume=True)
+    assert resumed == dict(whole, seconds=resumed["seconds"], skipped_fraction=resumed["skipped_fraction"])
+    a, b = (policy.load_policy(os.path.join(d, "checkpoint-3")).state_dict() for d in (str(tmp_path / "whole"), out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_skipped_step_when_all_advantages_are_zero(tmp_path, tiny_llada, monkeypatch):
     cfg = small_config(tmp_path, tiny_llada)
     monkeypatch.setattr(train_policy, "reward", lambda correct, steps, *a: torch.ones(len(steps), dtype=torch.float64))
@@ -183,3 +240,22 @@ def test_real_configs_run_one_step_on_a_random_weight_llada(tmp_path, tiny_llada
 def test_the_shipped_policy_loads_as_the_default():
     decoder = cde.build_decoder("policy", 0, {}, {})
     assert decoder.net.config == policy.PolicyConfig() and decoder.sampling_mode == "bernoulli-argmax"
+
+
+@pytest.mark.parametrize("block", [64, 32])
+def test_gpu_configs_run_one_step_on_a_random_weight_llada(tmp_path, tiny_llada, block):
+    cfg = train_policy.load_config(os.path.join(REPO, "configs", f"tiny_policy_gpu_bl{block}.json"))
+    assert cfg["block_length"] == block and cfg["gen_length"] == 64 and cfg["model_path"] == "models/tiny-llada"
+    assert cfg["model_dtype"] == "float32" and cfg["expert_generations"] and cfg["max_minutes"] <= 8
+    cfg.update(model_path=tiny_llada, gen_length=8, block_length=block // 16, num_generations=2, prompts_per_step=1,
+               max_steps=1)
+    metrics = train_policy.train(cfg, str(tmp_path / "run"))
+    assert math.isfinite(metrics["loss"]) and metrics["step"] == 1 and "expert_accuracy" in metrics
+
+
+@pytest.mark.parametrize("key,value", [("model_dtype", "float16"), ("max_minutes", 0)])
+def test_bad_dtype_or_time_budget_is_refused(tmp_path, key, value):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({key: value}))
+    with pytest.raises(ValueError, match="model_dtype is null, float32 or bfloat16; max_minutes is null or > 0"):
+        train_policy.load_config(str(path))
