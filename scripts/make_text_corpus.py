@@ -24,6 +24,7 @@ import random
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -167,7 +168,7 @@ def main():
     tok.padding_side = "left"
     users = prompts(args.docs, CORPUS_SEED)
     partial = OUT + ".partial"
-    rows = make_tiny_data.read_jsonl(make_tiny_data.Path(partial)) if os.path.exists(partial) else []
+    rows = make_tiny_data.read_jsonl(Path(partial)) if os.path.exists(partial) else []
     start, n_tok = time.time(), 0
     with open(partial, "a", encoding="utf-8") as f:
         for b in range(len(rows) // BATCH, (args.docs + BATCH - 1) // BATCH):
