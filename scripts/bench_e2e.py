@@ -32,8 +32,14 @@ Reported per label (a table on stdout; --json also writes it with the checkpoint
 - wall s: the whole subprocess; decoder and avg_steps from summary.json. Random weights give
   near-uniform logits, so a decoder that stops early on confidence behaves otherwise than on the
   real models: read each row together with its decoder and avg_steps;
-- projected min for the full label = (warm-up + n_full * s/sample) / 60, n_full = the label's
-  sample count (500 for MATH, 164 for HumanEval).
+- width, us/token-fwd: the steady batches' mean padded width (prompt + generation) and their
+  seconds per row, forward and padded position;
+- projected min for the full label = (warm-up + the full run's seconds) / 60, where the full run
+  is priced at the steady us/token-fwd: its n_full samples (500 for MATH, 164 for HumanEval) with
+  their prompt lengths under the checkpoint's tokenizer, sorted and batched as the CLI does, each
+  batch rows x avg_steps x padded width ("full width" is the mean). The first --limit samples are
+  not a sample of the label's lengths (on llada-math at --limit 24 the steady batches are 531
+  positions wide on average, a full run's 387), so their s/sample alone would not project it.
 The default --limit 16 is two batches of 8 per label (one warm-up, one steady); larger limits give
 more steady batches but, at about 2.4 s per sample at B=8, --limit 64 on three labels takes longer
 than 10 minutes: then run the families as separate commands.
@@ -53,6 +59,7 @@ import shutil
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -60,6 +67,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import custom_demask_eval as cde  # noqa: E402
 import models  # noqa: E402
+import tasks  # noqa: E402
 
 MODEL_FILES = os.path.join(REPO, "tests", "fixtures", "model_files")
 REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b"}
@@ -215,8 +223,8 @@ def label_family(label):
     return family
 
 
-def full_size(label):
-    return len(cde.TASKS[cde.LABELS[label]["task"]]().load(cde.LABELS[label]))
+def label_samples(label):
+    return cde.TASKS[cde.LABELS[label]["task"]]().load(cde.LABELS[label])
 
 
 def run_files(results, label):
@@ -263,16 +271,45 @@ def batches(records):
     return groups
 
 
-def timing(records, first_done, n_full):
-    """Steady s/sample (all batches but the first), warm-up s and projected minutes (None where unknown)."""
+def timing(records, first_done, widths, full_widths):
+    """Steady s/sample (all batches but the first), warm-up s and projected minutes (None where unknown).
+
+    A forward costs about the same per row and padded position at every width (measured on one
+    H200: 22.5-23.8 us per token-forward at widths 341-646, LLaDA-8B, B=8), so the projection
+    prices the full run's batches (`full_widths`: every batch's rows and padded width, as the CLI
+    sorts and batches the whole label) at the steady batches' seconds per row-forward-position
+    (`widths`: the padded width of each record's batch). The first samples of a label are not a
+    sample of its lengths, so their s/sample alone would not project the full run."""
     groups = batches(records)
     rest = [r for g in groups[1:] for r in g]
     steady = sum(r["seconds"] for r in rest) / len(rest) if rest else None
     warm = first_done - len(groups[0]) * steady if steady is not None and first_done is not None else None
-    projected = (warm + n_full * steady) / 60 if warm is not None else None
+    per_token = sum(r["seconds"] for r in rest) / sum(r["steps"] * widths[r["id"]] for r in rest) if rest else None
+    steps = sum(r["steps"] for r in rest) / len(rest) if rest else None
+    full_s = per_token * steps * sum(n * w for n, w in full_widths) if rest else None
+    projected = (warm + full_s) / 60 if warm is not None else None
     return dict(steady_s_per_sample=rounded(steady, 4), warmup_s=rounded(warm, 2),
                 first_batch_done_s=rounded(first_done, 2), first_batch_size=len(groups[0]) if groups else 0,
-                steady_samples=len(rest), projected_min=rounded(projected, 2))
+                steady_samples=len(rest), us_per_token_forward=rounded(per_token and per_token * 1e6, 3),
+                mean_width=rounded(sum(widths[r["id"]] for r in rest) / len(rest), 1) if rest else None,
+                full_mean_width=rounded(sum(n * w for n, w in full_widths) / sum(n for n, _ in full_widths), 1),
+                projected_min=rounded(projected, 2))
+
+
+def padded_widths(lengths, ids, batch_size, gen_length):
+    """{id: padded width of its batch} and [(rows, width)] per batch when the CLI decodes the
+    samples `ids` (prompt lengths `lengths`): sorted by prompt length, cut into batches."""
+    order = sorted(ids, key=lambda i: lengths[i])
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    width = {i: max(lengths[j] for j in g) + gen_length for g in groups for i in g}
+    return width, [(len(g), max(lengths[j] for j in g) + gen_length) for g in groups]
+
+
+def prompt_lengths(label, checkpoint):
+    """{sample id: prompt tokens} of the whole label, encoded as the CLI encodes them."""
+    family = label_family(label)
+    model = SimpleNamespace(tokenizer=models.load_tokenizer(checkpoint, family), family=family)
+    return {s["id"]: len(tasks.encode_prompt(model, s)) for s in label_samples(label)}
 
 
 def rounded(value, digits):
@@ -294,13 +331,16 @@ def bench_label(label, checkpoint, args):
     run_dir = os.path.dirname(files[0])
     records = [json.loads(line) for line in open(files[0])]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
-    task = cde.TASKS[summary["config"]["task"]]
-    row["n_full"] = full_size(label)
-    row.update(run_dir=run_dir, model=summary["config"]["model"], decoder=summary["decoder"],
-               batch_size=summary["config"]["batch_size"], n=len(records), avg_steps=summary["metrics"]["avg_steps"],
+    cfg = summary["config"]
+    task = cde.TASKS[cfg["task"]]
+    lengths = prompt_lengths(label, checkpoint)
+    widths, _ = padded_widths(lengths, [r["id"] for r in records], cfg["batch_size"], cfg["gen_length"])
+    _, full_widths = padded_widths(lengths, list(lengths), cfg["batch_size"], cfg["gen_length"])
+    row.update(n_full=len(lengths), run_dir=run_dir, model=cfg["model"], decoder=summary["decoder"],
+               batch_size=cfg["batch_size"], n=len(records), avg_steps=summary["metrics"]["avg_steps"],
                metric=task.final, metric_value=summary["metrics"][task.final],
                peak_gpu_gb=summary.get("environment", {}).get("gpu_peak_memory_gb"),
-               **timing(records, first_done, row["n_full"]))
+               **timing(records, first_done, widths, full_widths))
     print(format_row(row), flush=True)
     return row
 
@@ -310,8 +350,10 @@ def bench_label(label, checkpoint, args):
 
 COLUMNS = [("label", "label", "{}"), ("decoder", "decoder", "{}"), ("B", "batch_size", "{}"), ("n", "n", "{}"),
            ("avg_steps", "avg_steps", "{:.1f}"), ("s/sample", "steady_s_per_sample", "{:.3f}"),
+           ("width", "mean_width", "{:.0f}"), ("us/token-fwd", "us_per_token_forward", "{:.2f}"),
            ("warm-up s", "warmup_s", "{:.1f}"), ("peak GPU GB", "peak_gpu_gb", "{:.1f}"),
-           ("wall s", "wall_s", "{:.1f}"), ("full n", "n_full", "{}"), ("projected min", "projected_min", "{:.1f}")]
+           ("wall s", "wall_s", "{:.1f}"), ("full n", "n_full", "{}"), ("full width", "full_mean_width", "{:.0f}"),
+           ("projected min", "projected_min", "{:.1f}")]
 
 
 def cells(row):

@@ -57,8 +57,9 @@ def test_rows_come_from_the_checkpoints_and_add_up(tiny_run):
         assert row["steady_s_per_sample"] > 0 and row["peak_gpu_gb"] is None
         assert 0 < row["first_batch_done_s"] < row["wall_s"]
         assert row["n_full"] == {"llada-math": 500, "dream-math": 500, "dream-humaneval": 164}[row["label"]]
-        projected = (row["warmup_s"] + row["n_full"] * row["steady_s_per_sample"]) / 60
-        assert row["projected_min"] == pytest.approx(projected, abs=0.01)
+        full_s = row["us_per_token_forward"] * 1e-6 * row["avg_steps"] * row["n_full"] * row["full_mean_width"]
+        assert row["projected_min"] == pytest.approx((row["warmup_s"] + full_s) / 60, rel=2e-3, abs=0.01)
+        assert row["mean_width"] > 16 and row["full_mean_width"] > 16  # prompt + the 16 generated positions
         assert os.path.exists(row["log"])
 
 
@@ -134,10 +135,24 @@ def test_llada_stand_in_tokenizer(tmp_path):
     assert [len(tasks.encode_chat(tok, p["messages"])) for p in problems] == lengths[:50]
 
 
-def test_timing_skips_the_first_batch():
-    records = [dict(seed=1, seconds=9.0)] * 2 + [dict(seed=3, seconds=1.0)] * 2 + [dict(seed=5, seconds=2.0)] * 2
-    t = bench_e2e.timing(records, first_done=30.0, n_full=100)
+def test_timing_skips_the_first_batch_and_prices_the_full_run_by_width():
+    def batch(seed, ids, seconds):
+        return [dict(id=i, seed=seed, seconds=seconds, steps=10) for i in ids]
+    records = batch(1, "ab", 9.0) + batch(3, "cd", 1.0) + batch(5, "ef", 2.0)
+    widths = dict(a=50, b=50, c=100, d=100, e=200, f=200)
+    t = bench_e2e.timing(records, first_done=30.0, widths=widths, full_widths=[(2, 100), (2, 300)])
     assert t["steady_s_per_sample"] == 1.5 and t["steady_samples"] == 4 and t["first_batch_size"] == 2
-    assert t["warmup_s"] == 27.0 and t["projected_min"] == pytest.approx((27 + 150) / 60, abs=0.01)
-    alone = bench_e2e.timing(records[:2], first_done=30.0, n_full=100)
+    # 6 s over 10 forwards of 2 x 100 + 2 x 200 positions: 1 ms per position; the full run 10 x 800 of them
+    assert t["us_per_token_forward"] == 1000.0 and t["mean_width"] == 150.0 and t["full_mean_width"] == 200.0
+    assert t["warmup_s"] == 27.0 and t["projected_min"] == pytest.approx((27 + 8) / 60, abs=0.01)
+    alone = bench_e2e.timing(records[:2], first_done=30.0, widths=widths, full_widths=[(2, 100)])
     assert alone["steady_s_per_sample"] is None and alone["warmup_s"] is None and alone["projected_min"] is None
+
+
+def test_padded_widths_follow_the_clis_length_sorted_batches():
+    lengths = {0: 5, 1: 3, 2: 9, 3: 4, 4: 1}
+    width, full = bench_e2e.padded_widths(lengths, list(lengths), batch_size=2, gen_length=10)
+    assert full == [(2, 13), (2, 15), (1, 19)]
+    assert width == {4: 13, 1: 13, 3: 15, 0: 15, 2: 19}
+    width, full = bench_e2e.padded_widths(lengths, [2, 4], batch_size=2, gen_length=10)
+    assert full == [(2, 19)] and width == {2: 19, 4: 19}
