@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # Train the tiny-math unmasking policies of issue #13 on one GPU, from the fixed seeds of
-# configs/tiny_policy_gpu_bl64.json (fully parallel, block 64) and configs/tiny_policy_gpu_bl32.json
-# (semi-AR, block 32), on the tiny-math TRAIN split only: two train_policy.py processes side by side
-# on the one GPU, each stopping at its max_steps (600) or after max_minutes (7.5) with a checkpoint.
+# configs/tiny_policy_gpu_bl64.json (fully parallel, block 64, alpha 10) and
+# configs/tiny_policy_gpu_bl32.json (semi-AR, block 32, alpha 3), on the tiny-math TRAIN split only:
+# two train_policy.py processes side by side on the one GPU, each stopping at its max_steps (600) or
+# after max_minutes (7.0 / 7.5) with a checkpoint. models/tiny-policy and models/tiny-policy-bl32 are
+# the two runs' checkpoint-600.
 #
 #     bash scripts/train_tiny_policy.sh [TAR]     # e.g. TAR=$OUT/tiny_policy_gpu.tar.gz
 #
 # Writes runs/tiny-policy-gpu/bl64/ and bl32/ (config.json, metrics.jsonl, checkpoint-N/), their
 # logs train.log, and with TAR a gzipped tar of each run's config, metrics, log and last checkpoint
-# (about 8 MB; unpack it in the repository root, then scripts/eval_policy.py runs/tiny-policy-gpu/bl64
-# runs/tiny-policy-gpu/bl32 gives the bar's verdict).
-# Expected time on one H200: 3-6 minutes (600 steps at an estimated 0.3-0.5 s each, the two processes
-# sharing the GPU), never more than max_minutes = 7.5 of training plus about 20 s of start-up, so
-# under 8 minutes in all; not measured on a GPU yet (metrics.jsonl records every step's seconds). On
-# this repository's 2-core CPU a step of the same configuration takes about 300 s.
+# (about 7 MB; unpack it in the repository root, then scripts/eval_policy.py runs/tiny-policy-gpu/bl64
+# --block_lengths 64 and runs/tiny-policy-gpu/bl32 --block_lengths 32 give the bar's verdicts).
+# Measured on one H200: 600 steps in 246-320 s of step time per run (0.4-0.55 s per step with two
+# runs sharing the GPU), 341 s wall for the script; on this repository's 2-core CPU a step of the
+# same configuration takes about 300 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1  # everything is local (the GPU machine reaches no network)

@@ -259,3 +259,18 @@ def test_bad_dtype_or_time_budget_is_refused(tmp_path, key, value):
     path.write_text(json.dumps({key: value}))
     with pytest.raises(ValueError, match="model_dtype is null, float32 or bfloat16; max_minutes is null or > 0"):
         train_policy.load_config(str(path))
+
+
+@pytest.mark.parametrize("folder, config", [("tiny-policy", "tiny_policy_gpu_bl64.json"),
+                                            ("tiny-policy-bl32", "tiny_policy_gpu_bl32.json")])
+def test_shipped_policies_come_from_their_configs(folder, config):
+    path = os.path.join(REPO, "models", folder)
+    log = json.load(open(os.path.join(path, "training_log.json")))
+    cfg = train_policy.load_config(os.path.join(REPO, "configs", config))
+    assert log["config"] == cfg and log["config"]["train_data"] == "data/tiny_math_train.jsonl"
+    assert len(log["steps"]) == cfg["max_steps"] == 600 and log["steps"][-1]["step"] == 600
+    assert log["train_seconds"] == pytest.approx(sum(s["seconds"] for s in log["steps"]), abs=0.1)
+    assert log["train_seconds"] < 10 * 60  # the GPU budget
+    net = policy.load_policy(path)
+    assert net.config == train_policy.policy_config(cfg)
+    assert sum(p.numel() for p in net.parameters()) == 330754
