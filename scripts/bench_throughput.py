@@ -15,7 +15,8 @@ the bf16 planning bound (790 TFLOP/s: the dense bf16 matmul rate measured on an 
 minutes for the 500-sample label. On CUDA the forward is the harness's (compiled blocks, CUDA
 graphs) unless --eager; --cache times the CLI's KV-cache modes (one row per batch size and mode;
 their forwards run eager, the FLOPs count only the positions they compute). --profile adds a
-kernel-time breakdown; --invariance N the B=1 vs B=8 agreement of greedy KLASS generations.
+kernel-time breakdown; --invariance N the B=1 vs B=8 agreement of greedy KLASS generations;
+--widths the first-forward (capture) time and GPU memory over every batch shape of a full run.
 """
 import argparse
 import itertools
@@ -227,6 +228,42 @@ def profile(model, family, batch_size, args):
                 matmul_tflops=matmul_flops / by_kind.get("matmul", 1e-9) / 1e12)
 
 
+def width_sweep(model, family, batch_size, args):
+    """Every batch shape of a full llada-math / dream-math run (all 500 prompt lengths sorted and cut
+    into batches of batch_size, as run_eval does), forwarded twice each as a batch's first two forwards
+    are: the first pays the shape's CUDA-graph capture (and any compilation), the second replays it.
+    Per shape: both times and the GPU memory allocated and reserved after them."""
+    lengths = sorted(prompt_lengths(family))
+    groups = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    shapes = []
+    for j, group in enumerate(groups):
+        ids, mask = cde.left_pad(random_prompts(model, group, j), model.pad_id)
+        x = F.pad(ids, (0, args.gen_length), value=model.mask_id).to(model.device)
+        key_mask = None if mask.all() else F.pad(mask, (0, args.gen_length), value=True).to(model.device)
+        query = (ids.shape[1] + torch.arange(args.block_length, device=model.device)).expand(len(group), -1)
+        seconds = []
+        for _ in range(2):
+            sync(args.device)
+            start = time.perf_counter()
+            model.logits(x, key_mask, None, query)
+            sync(args.device)
+            seconds.append(time.perf_counter() - start)
+        memory = (torch.cuda.memory_allocated() / 2**30, torch.cuda.memory_reserved() / 2**30) \
+            if args.device.startswith("cuda") else (None, None)
+        shapes.append(dict(rows=len(group), width=x.shape[1], first_s=seconds[0], replay_ms=1000 * seconds[1],
+                           allocated_gib=memory[0], reserved_gib=memory[1]))
+    first = sum(r["first_s"] for r in shapes)
+    extra = sum(r["first_s"] - r["replay_ms"] / 1000 for r in shapes)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None
+    print(f"{family} B={batch_size} widths: {len(shapes)} shapes ({shapes[0]['width']}-{shapes[-1]['width']}), "
+          f"first forwards {first:.1f} s in all, {extra:.1f} s over a replay; reserved GiB after the first / last "
+          f"shape {shapes[0]['reserved_gib']} / {shapes[-1]['reserved_gib']}, peak allocated {peak}", flush=True)
+    return dict(model=family, batch=batch_size, width_shapes=shapes, first_forward_seconds=first,
+                capture_seconds_over_replay=extra, peak_allocated_gib=peak)
+
+
 def bench(model, family, batch_size, args, cache):
     args = argparse.Namespace(**{**vars(args), "cache": cache})
     batches = label_batches(model, family, batch_size, args.samples)
@@ -268,6 +305,8 @@ def main():
     p.add_argument("--eager", action="store_true", help="plain eager forward (no compiled blocks, no CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="also profile the largest batch size's kernels")
     p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
+    p.add_argument("--widths", action="store_true", help="also forward every batch shape of a full run at the largest "
+                   "batch size: capture time and GPU memory per shape")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     if args.profile and not args.device.startswith("cuda"):
@@ -291,6 +330,8 @@ def main():
                   f"{r['ms_per_forward']:8.2f} ms/forward  {r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
                   f"({100 * r['bound_fraction']:.0f}% of bound)  projected {r['projected_minutes']:.1f} min / 500 samples",
                   flush=True)
+        if args.widths:
+            rows.append(width_sweep(model, model.family, max(map(int, args.batch_sizes.split(","))), args))
         if args.profile:
             rows.append(profile(model, model.family, max(map(int, args.batch_sizes.split(","))), args))
         del model

@@ -24,7 +24,7 @@ def run_script(*args, timeout=600):
 def test_bench_cpu_mode_on_bundled_model(tmp_path):
     out = run_script(BENCH, "--model_path", os.path.join(REPO, "models", "tiny-llada"), "--device", "cpu",
                      "--batch_sizes", "1,3", "--samples", "1", "--gen_length", "16", "--steps", "16",
-                     "--block_length", "8", "--invariance", "3", "--cache", "none,dual", "--json",
+                     "--block_length", "8", "--invariance", "3", "--cache", "none,dual", "--widths", "--json",
                      str(tmp_path / "bench.json"))
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.load(open(tmp_path / "bench.json"))["rows"]
@@ -37,6 +37,11 @@ def test_bench_cpu_mode_on_bundled_model(tmp_path):
     (inv,) = [r for r in rows if "identical_fraction" in r]
     assert inv["dtype"] == "torch.float32" and inv["identical_fraction"] == 1.0 and inv["identical_tokens"] == 1.0
     assert inv["avg_steps_alone"] == inv["avg_steps_batched"]
+    (widths,) = [r for r in rows if "width_shapes" in r]  # every batch of a full run at B=3, sorted by length
+    lengths = sorted(json.load(open(os.path.join(REPO, "data", "math500_prompt_lengths.json")))["llada"])
+    assert [(s["rows"], s["width"]) for s in widths["width_shapes"]] == [
+        (len(lengths[i:i + 3]), max(lengths[i:i + 3]) + 16) for i in range(0, 500, 3)]
+    assert widths["first_forward_seconds"] > 0 and widths["peak_allocated_gib"] is None  # no GPU memory on CPU
 
 
 def test_bench_profile_needs_a_gpu():
