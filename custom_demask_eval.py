@@ -192,7 +192,7 @@ class DiffusionLM:
         self.stop_ids = stop_ids(self.config, self.pad_id, self.tokenizer)
         self.vocab_size = self.net.parts()[3].out_features
         self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
-        self.forward = models.network_forward(self.net, self.device)
+        self.forward, self.cache_forwards = models.network_forwards(self.net, self.device)
 
     def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
         """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel."""

@@ -60,10 +60,13 @@ class BatchCache:
     position the mode does not recompute differ from its last refresh. Otherwise only the mode's
     positions are computed (`window`), and logits of the other positions come from the refresh's
     hidden states. `work` lists the forwards of the last call: (its rows, positions computed per row).
+    The two forwards are the batch's lm.cache_forwards() (models.refresh_forward and cached_forward;
+    on a GPU compiled blocks replayed as CUDA graphs of the batch's own).
     """
 
     def __init__(self, lm, mode, prompt_width, block_length):
         self.lm, self.mode, self.P, self.L = lm, mode, prompt_width, block_length
+        self.refresh_forward, self.cached_forward = lm.cache_forwards()
         self.cache, self.work = None, []
 
     def window(self, block, T):
@@ -85,36 +88,49 @@ class BatchCache:
             self.cache, self.block = models.KVCache(R), torch.full((R,), -1, device=x.device)
             self.x, self.keys, self.positions = x.clone(), keys.clone(), positions.clone()
 
-        # which rows to refresh, which to compute in part
+        # which rows to refresh, which to compute in part: decided on the host (one sync)
         masked = x[:, self.P:] == self.lm.mask_id
-        live = (x == self.lm.mask_id).any(1)
-        compute = live if bool(live.any()) else torch.ones_like(live)
         block = torch.where(masked.any(1), masked.float().argmax(1).long() // self.L, -1)
         window = self.window(block, T)
         stale = ((block < 0) | (block != self.block) | (keys != self.keys).any(1)
                  | (positions != self.positions).any(1) | ((x != self.x) & ~window).any(1))
+        live = (x == self.lm.mask_id).any(1)
+        live, stale, width = torch.stack([live.long(), stale.long(), window.sum(1)]).tolist()
+        compute = live if any(live) else [1] * R
+        refresh = [i for i in range(R) if compute[i] and stale[i]]
+        part = [i for i in range(R) if compute[i] and not stale[i]]
+        order = torch.tensor(refresh + part, dtype=torch.long, device=x.device)
+        fresh, kept = order[:len(refresh)], order[len(refresh):]
 
-        # the forwards; a refresh keeps the row's inputs
+        # the forwards; a refresh keeps the rows' inputs
         logits = torch.zeros(R, query.shape[1], self.lm.vocab_size, device=x.device)
+        attend = None if key_mask is None else key_mask[:, None, None, :]
         self.work = []
-        for rows, part in ((compute & stale, False), (compute & ~stale, True)):
-            if not bool(rows.any()):
-                continue
-            idx = rows.nonzero().squeeze(1)
-            computed = self.positions_of(window[idx]) if part else None
-            attend = None if key_mask is None else key_mask[idx][:, None, None, :]
-            h = models.kv_forward(self.lm.net, x[idx], positions[idx], attend, self.cache, idx, computed)
-            logits[idx] = models.head_logits(self.lm.net, h, query[idx]).float()
-            self.work.append((idx, T if computed is None else computed.shape[1]))
-            if not part:
-                self.x[idx], self.keys[idx] = x[idx], keys[idx]
-                self.positions[idx], self.block[idx] = positions[idx], block[idx]
+        if refresh:
+            out, *stored = self.refresh_forward(x[fresh], positions[fresh], rows_of(attend, fresh), query[fresh])
+            self.cache.store(fresh, *stored)
+            self.x[fresh], self.keys[fresh] = x[fresh], keys[fresh]
+            self.positions[fresh], self.block[fresh] = positions[fresh], block[fresh]
+            logits[fresh] = out.float()
+            self.work.append((fresh, T))
+        if part:
+            computed = self.positions_of(window[kept], max(width[i] for i in part))
+            c = self.cache
+            out = self.cached_forward(x[kept], positions[kept], rows_of(attend, kept), query[kept], c.keys, c.values,
+                                      c.hidden, kept, computed)
+            logits[kept] = out.float()
+            self.work.append((kept, computed.shape[1]))
         return logits
 
     @staticmethod
-    def positions_of(window):
-        """[r, Q] indices of each row's window (one run of positions), the shorter runs padded by
-        repeating their last position (a repeat computes the same keys and values again)."""
+    def positions_of(window, width):
+        """[r, width] indices of each row's window (one run of positions, at most `width` long), the
+        shorter runs padded by repeating their last position (a repeat computes the same keys and
+        values again)."""
         first, count = window.float().argmax(1).long(), window.sum(1)
-        offsets = torch.arange(int(count.max()), device=window.device)[None]
+        offsets = torch.arange(width, device=window.device)[None]
         return first[:, None] + torch.minimum(offsets, (count - 1)[:, None])
+
+
+def rows_of(t, rows):
+    return None if t is None else t[rows]

@@ -1,5 +1,5 @@
 """Native LLaDA-8B and Dream-7B in plain PyTorch (in the manner of nanoGPT's model.py), the fast
-GPU forward, and checkpoint + tokenizer loading.
+GPU forward, the forwards of --cache, and checkpoint + tokenizer loading.
 
 Parameter names are those of the official checkpoints (GSAI-ML/LLaDA-8B-Instruct's
 modeling_llada.py, Dream-org/Dream-v0-Instruct-7B's modeling_dream.py), so a plain
@@ -42,21 +42,26 @@ def apply_rotary(x, cos, sin):
 
 
 def attention(q, k, v, n_heads, n_kv_heads, rope, key_mask, kv=None):
-    """Bidirectional multi-head attention; key_mask [B, 1, 1, T] (True = attend) or None. `kv`
-    (KVCache.layer) takes the rotated keys and values of the computed positions and returns those
-    of all T positions."""
+    """Bidirectional multi-head attention; key_mask [B, 1, 1, T] (True = attend) or None. Returns the
+    output and the keys and values attended to, after RoPE and before the grouped-query repeat.
+    `kv` = (keys, values, rows, computed) for a forward of some positions (cached_forward): the new
+    keys and values of the positions `computed` [B, Q] replace, in a copy, the cached ones ([R, kv
+    heads, T, head_dim]) of the batch rows `rows` [B]."""
     B, T, _ = q.shape
     q = q.view(B, T, n_heads, -1).transpose(1, 2)
     k = k.view(B, T, n_kv_heads, -1).transpose(1, 2)
     v = v.view(B, T, n_kv_heads, -1).transpose(1, 2)
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     if kv is not None:
-        k, v = kv(k, v)
+        keys, values, rows, computed = kv
+        index = computed[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+        k, v = keys[rows].scatter(2, index, k), values[rows].scatter(2, index, v)
+    attended = k, v
     if n_kv_heads != n_heads:
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, is_causal=False)
-    return out.transpose(1, 2).reshape(B, T, -1)
+    return out.transpose(1, 2).reshape(B, T, -1), *attended
 
 
 # ---------------------------------------------------------------------------
@@ -74,11 +79,13 @@ class LLaDABlock(nn.Module):
         self.ff_proj, self.up_proj, self.ff_out = nn.Linear(d, hidden, False), nn.Linear(d, hidden, False), nn.Linear(hidden, d, False)
 
     def forward(self, h, rope, key_mask, kv=None):
+        """(output, keys, values): see attention."""
         a = self.attn_norm(h)
-        h = h + self.attn_out(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
-                                        self.n_heads, self.n_kv_heads, rope, key_mask, kv))
+        out, k, v = attention(self.q_proj(a), self.k_proj(a), self.v_proj(a), self.n_heads, self.n_kv_heads, rope,
+                              key_mask, kv)
+        h = h + self.attn_out(out)
         m = self.ff_norm(h)
-        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m))
+        return h + self.ff_out(F.silu(self.ff_proj(m)) * self.up_proj(m)), k, v
 
 
 class LLaDA(nn.Module):
@@ -110,8 +117,9 @@ class DreamAttention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, a, rope, key_mask, kv=None):
-        return self.o_proj(attention(self.q_proj(a), self.k_proj(a), self.v_proj(a),
-                                     self.n_heads, self.n_kv_heads, rope, key_mask, kv))
+        out, k, v = attention(self.q_proj(a), self.k_proj(a), self.v_proj(a), self.n_heads, self.n_kv_heads, rope,
+                              key_mask, kv)
+        return self.o_proj(out), k, v
 
 
 class DreamMLP(nn.Module):
@@ -133,8 +141,10 @@ class DreamBlock(nn.Module):
         self.self_attn, self.mlp = DreamAttention(c), DreamMLP(c)
 
     def forward(self, h, rope, key_mask, kv=None):
-        h = h + self.self_attn(self.input_layernorm(h), rope, key_mask, kv)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """(output, keys, values): see attention."""
+        a, k, v = self.self_attn(self.input_layernorm(h), rope, key_mask, kv)
+        h = h + a
+        return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
 
 class Dream(nn.Module):
@@ -166,7 +176,7 @@ def forward_logits(net, x, positions, key_mask, query_idx, blocks=None):
     rope = rotary_tables(positions, net.head_dim, net.theta)
     h = embed(x)
     for block in blocks:
-        h = block(h, rope, key_mask)
+        h = block(h, rope, key_mask)[0]
     return head_logits(net, h, query_idx)
 
 
@@ -182,12 +192,16 @@ class GraphedForward:
 
     Within a batch the shapes stay fixed for hundreds of forwards, so a capture (two forwards)
     pays off at once, and replay removes the kernel-launch gaps that a per-step host sync
-    otherwise leaves on the GPU. All graphs share one memory pool; a graph's output buffer is
-    only valid until the next replay, so it is returned as a fresh fp32 copy.
+    otherwise leaves on the GPU. All graphs share one memory pool; a graph's outputs (a tensor or
+    a tuple of tensors) are only valid until the next replay, so they are returned as fresh copies
+    (a single tensor, the logits, in fp32).
+    The inputs at the positions `shared` (a KV cache) get no buffers of the graph's own: the graph
+    reads the tensor it was captured with in place, and another tensor passed there is copied into
+    that one (so it must be one its owner no longer uses: fast_forwards makes them per batch).
     """
 
-    def __init__(self, forward, keep=4):
-        self.forward, self.keep, self.graphs, self.pool = forward, keep, {}, None
+    def __init__(self, forward, keep=4, shared=()):
+        self.forward, self.keep, self.shared, self.graphs, self.pool = forward, keep, shared, {}, None
 
     def __call__(self, *inputs):
         key = tuple(None if t is None else tuple(t.shape) for t in inputs)
@@ -198,13 +212,20 @@ class GraphedForward:
         graph, static, out = self.graphs.pop(key)
         self.graphs[key] = graph, static, out  # most recent last
         for buffer, value in zip(static, inputs):
-            if buffer is not None:
+            if buffer is not None and buffer is not value:
                 buffer.copy_(value)
         graph.replay()
+        if isinstance(out, tuple):
+            return tuple(t.clone() for t in out)
         return out.float() if out.dtype != torch.float32 else out.clone()
 
     def capture(self, inputs):
-        static = [None if t is None else t.clone() for t in inputs]
+        static = [t if i in self.shared or t is None else t.clone() for i, t in enumerate(inputs)]
+        graph, out = self.record(static)
+        return graph, static, out
+
+    def record(self, static):
+        """(graph, outputs) of the forward captured on the inputs `static`."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -214,64 +235,83 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.forward(*static)
-        return graph, static, out
+        return graph, out
 
 
-def fast_forward(net):
-    """The GPU forward: blocks compiled once for all layers and shapes (RMSNorm, RoPE and SwiGLU
-    become fused kernels around the matmuls and SDPA), replayed as CUDA graphs per shape."""
+def eager_forwards(net):
+    """The plain forwards (CPU, --eager): forward_logits, and a function that gives a batch's
+    (refresh_forward, cached_forward) for --cache."""
+    return partial(forward_logits, net), lambda: (partial(refresh_forward, net), partial(cached_forward, net))
+
+
+def fast_forwards(net):
+    """The GPU forwards: blocks compiled once for all layers and shapes (RMSNorm, RoPE and SwiGLU
+    become fused kernels around the matmuls and SDPA), replayed as CUDA graphs per shape. The
+    forwards of --cache are made per batch (batch_forwards) with graphs of their own: these read the
+    batch's cache in place, so they live as long as the batch and never evict the exact forward's."""
+    # a block compiles once per kind of call (with or without a cache, a key mask; batch of one or not)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
-    return GraphedForward(partial(forward_logits, net, blocks=blocks))
+
+    def batch_forwards():
+        return (GraphedForward(partial(refresh_forward, net, blocks=blocks), keep=8),
+                GraphedForward(partial(cached_forward, net, blocks=blocks), keep=8, shared=(4, 5, 6)))
+    return GraphedForward(partial(forward_logits, net, blocks=blocks)), batch_forwards
 
 
-def network_forward(net, device):
-    return fast_forward(net) if device.type == "cuda" else partial(forward_logits, net)
+def network_forwards(net, device):
+    """(forward, cache_forwards): fast_forwards on a GPU, else eager_forwards."""
+    return fast_forwards(net) if device.type == "cuda" else eager_forwards(net)
 
 
 # ---------------------------------------------------------------------------
-# A forward of some positions against cached keys and values (--cache, kvcache.py)
+# The forwards of --cache (kvcache.py): a refresh that keeps every layer's keys and values, and a
+# forward of some positions against them
 
 class KVCache:
-    """Of each of `n_rows` rows, as its last full forward left them: per layer the keys and values
-    after RoPE and before the grouped-query repeat ([n_rows, kv heads, T, head_dim]), and the last
-    hidden states before the final norm ([n_rows, T, d])."""
+    """Of each of `n_rows` rows, as its last refresh left them: every layer's keys and values after
+    RoPE and before the grouped-query repeat (keys, values [n_layers, n_rows, kv heads, T, head_dim])
+    and the last hidden states before the final norm (hidden [n_rows, T, d]). Allocated at the first
+    store; rows never stored hold zeros."""
 
     def __init__(self, n_rows):
-        self.n_rows, self.keys, self.values, self.hidden = n_rows, {}, {}, None
+        self.n_rows, self.keys, self.values, self.hidden = n_rows, None, None, None
 
-    def layer(self, i, rows, computed):
-        """Layer i's attention hook for the batch rows `rows`: a full forward (computed None) stores
-        their keys and values; otherwise those of the positions `computed` [r, Q] replace the cached
-        ones in a copy, which the queries attend to."""
-        def store(k, v):
-            for table, t in ((self.keys, k), (self.values, v)):
-                table.setdefault(i, t.new_zeros((self.n_rows, *t.shape[1:])))[rows] = t
-            return k, v
-
-        def merge(k, v):
-            index = computed[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-            return self.keys[i][rows].scatter(2, index, k), self.values[i][rows].scatter(2, index, v)
-        return store if computed is None else merge
+    def store(self, rows, keys, values, hidden):
+        """Keep a refresh_forward's keys, values and hidden states of the batch rows `rows`."""
+        if self.keys is None:
+            self.keys = keys.new_zeros((keys.shape[0], self.n_rows, *keys.shape[2:]))
+            self.values = torch.zeros_like(self.keys)
+            self.hidden = hidden.new_zeros((self.n_rows, *hidden.shape[1:]))
+        self.keys[:, rows], self.values[:, rows], self.hidden[rows] = keys, values, hidden
 
 
-def kv_forward(net, x, positions, key_mask, cache, rows, computed=None):
-    """Last hidden states [r, T, d] of the batch rows `rows` (x and positions [r, T], key_mask
-    [r, 1, 1, T] or None are theirs). computed None: a full forward that refreshes the rows' entries
-    of `cache`. Else only the positions `computed` [r, Q] (a position may repeat) run through the
-    layers, attending to the cached keys and values of the others, whose hidden states are the cached."""
-    embed, blocks, _, _ = net.parts()
-    if computed is not None:
-        x, positions = x.gather(1, computed), positions.gather(1, computed)
+def refresh_forward(net, x, positions, key_mask, query_idx, blocks=None):
+    """forward_logits that also returns what a KVCache keeps: (logits [B, Q, V], keys and values
+    [n_layers, B, kv heads, T, head_dim], last hidden states [B, T, d])."""
+    embed, net_blocks, _, _ = net.parts()
+    rope = rotary_tables(positions, net.head_dim, net.theta)
+    h, keys, values = embed(x), [], []
+    for block in blocks or net_blocks:
+        h, k, v = block(h, rope, key_mask)
+        keys.append(k)
+        values.append(v)
+    return head_logits(net, h, query_idx), torch.stack(keys), torch.stack(values), h
+
+
+def cached_forward(net, x, positions, key_mask, query_idx, keys, values, hidden, rows, computed, blocks=None):
+    """Logits [r, Q, V] of the batch rows `rows` [r] (x, positions [r, T], key_mask [r, 1, 1, T] or
+    None and query_idx are theirs) when only the positions `computed` [r, C] (a position may repeat)
+    run through the layers, attending to the cached keys and values (KVCache's keys, values, hidden)
+    of the others, whose last hidden states are the cached ones."""
+    embed, net_blocks, _, _ = net.parts()
+    x, positions = x.gather(1, computed), positions.gather(1, computed)
     rope = rotary_tables(positions, net.head_dim, net.theta)
     h = embed(x)
-    for i, block in enumerate(blocks):
-        h = block(h, rope, key_mask, cache.layer(i, rows, computed))
-    if computed is not None:
-        return cache.hidden[rows].scatter(1, computed[..., None].expand(-1, -1, h.shape[-1]), h)
-    if cache.hidden is None:
-        cache.hidden = h.new_zeros((cache.n_rows, *h.shape[1:]))
-    cache.hidden[rows] = h
-    return h
+    for i, block in enumerate(blocks or net_blocks):
+        h = block(h, rope, key_mask, (keys[i], values[i], rows, computed))[0]
+    h = hidden[rows].scatter(1, computed[..., None].expand(-1, -1, h.shape[-1]), h)
+    return head_logits(net, h, query_idx)
 
 
 # ---------------------------------------------------------------------------

@@ -14,9 +14,10 @@ useful TFLOP/s (each row at its own length: left padding is not counted) and its
 the bf16 planning bound (790 TFLOP/s: the dense bf16 matmul rate measured on an H200), and the projected
 minutes for the 500-sample label. On CUDA the forward is the harness's (compiled blocks, CUDA
 graphs) unless --eager; --cache times the CLI's KV-cache modes (one row per batch size and mode;
-their forwards run eager, the FLOPs count only the positions they compute). --profile adds a
-kernel-time breakdown; --invariance N the B=1 vs B=8 agreement of greedy KLASS generations;
---widths the first-forward (capture) time and GPU memory over every batch shape of a full run.
+their forwards are compiled and graphed as well, the FLOPs count only the positions they compute).
+--profile adds a kernel-time breakdown; --invariance N the B=1 vs B=8 agreement of greedy KLASS
+generations; --widths the first-forward (capture) time and GPU memory over every batch shape of a
+full run.
 """
 import argparse
 import itertools
@@ -301,7 +302,7 @@ def main():
     p.add_argument("--temperature", type=float, default=0.0, help="the decoder's token choice (Dream: with top_p)")
     p.add_argument("--top_p", type=float)
     p.add_argument("--cache", dest="cache_modes", default="none", help="KV-cache modes to time, comma-separated: none, prefix, dual "
-                   "(the CLI's --cache; its forwards run eager)")
+                   "(the CLI's --cache)")
     p.add_argument("--eager", action="store_true", help="plain eager forward (no compiled blocks, no CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="also profile the largest batch size's kernels")
     p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
@@ -320,7 +321,7 @@ def main():
         if args.device.startswith("cuda") and not args.eager:
             print(f"{model.family}: fast vs eager forward max |diff| of logits: {graph_error(model, model.family)}")
         if args.eager or not args.device.startswith("cuda"):
-            model.forward = partial(models.forward_logits, model.net)
+            model.forward, model.cache_forwards = models.eager_forwards(model.net)
         if args.invariance:
             rows.append(invariance(model, model.family, args.invariance, 8, args))
         for b, cache in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(",")):

@@ -1,0 +1,135 @@
+"""The forwards of --cache as functions of tensors (models.refresh_forward, models.cached_forward):
+against the exact forward, with compiled blocks (what a GPU runs, minus the CUDA graphs), and the
+input and output handling of GraphedForward with a CPU stand-in for the CUDA graph."""
+from functools import partial
+
+import pytest
+import torch
+import torch._dynamo.utils
+
+import custom_demask_eval as cde
+import models
+
+
+@pytest.fixture(scope="module", params=["llada", "dream"])
+def net(request, tiny_llada, tiny_dream):
+    return cde.load_model(tiny_llada if request.param == "llada" else tiny_dream, device="cpu").net
+
+
+def inputs(B, T, seed=0):
+    """Token ids, a key mask with row 0 left-padded by 3, its positions and the last 8 queries."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(10, 200, (B, T), generator=g)
+    key_mask = torch.ones(B, 1, 1, T, dtype=torch.bool)
+    key_mask[0, ..., :3] = False
+    positions = (key_mask[:, 0, 0].long().cumsum(1) - 1).clamp(min=0)
+    return x, positions, key_mask, torch.arange(T - 8, T).expand(B, -1)
+
+
+def windows(starts, width):
+    """[r, width] runs of positions from `starts`, the last one repeated past `stop` as positions_of pads."""
+    return torch.stack([s + torch.arange(width).clamp(max=n - 1) for s, n in starts])
+
+
+@torch.no_grad()
+def test_refresh_forward_is_the_exact_forward_and_keeps_every_layer(net):
+    x, positions, key_mask, query = inputs(3, 24)
+    logits, keys, values, hidden = models.refresh_forward(net, x, positions, key_mask, query)
+    assert torch.equal(logits, models.forward_logits(net, x, positions, key_mask, query))
+    blocks = net.parts()[1]
+    kv_heads = getattr(blocks[0], "self_attn", blocks[0]).n_kv_heads
+    assert keys.shape == values.shape == (len(blocks), 3, kv_heads, 24, net.head_dim)
+    assert torch.equal(models.head_logits(net, hidden, query), logits)
+
+
+@torch.no_grad()
+def test_cached_forward_of_rows_in_any_order(net):
+    """Rows 2 and 0 of a 3-row cache, windows of different lengths (the shorter padded by repeats):
+    on the refresh's input the logits are the exact forward's; computing every position of a changed
+    input gives its exact forward whatever the cache holds."""
+    x, positions, key_mask, query = inputs(3, 24)
+    full, keys, values, hidden = models.refresh_forward(net, x, positions, key_mask, query)
+    cache = models.KVCache(3)
+    cache.store(torch.tensor([0, 1, 2]), keys, values, hidden)
+    rows, computed = torch.tensor([2, 0]), windows([(8, 16), (16, 8)], 16)
+    cached = models.cached_forward(net, x[rows], positions[rows], key_mask[rows], query[rows], cache.keys,
+                                   cache.values, cache.hidden, rows, computed)
+    assert (cached - full[rows]).abs().max() < 1e-5
+    other = torch.randint(10, 200, x.shape)
+    everything = torch.arange(24).expand(2, -1)
+    cached = models.cached_forward(net, other[rows], positions[rows], key_mask[rows], query[rows], cache.keys,
+                                   cache.values, cache.hidden, rows, everything)
+    exact = models.forward_logits(net, other[rows], positions[rows], key_mask[rows], query[rows])
+    assert (cached - exact).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_compiled_blocks_run_both_cache_forwards_and_match_eager(net):
+    """The blocks compiled as fast_forwards compiles them (dynamic shapes, shared by all layers): the
+    refresh and the cached forward match eager, and another shape of the same kind recompiles nothing."""
+    blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for B, T in [(3, 24), (4, 40)]:
+        x, positions, key_mask, query = inputs(B, T, seed=T)
+        eager = models.refresh_forward(net, x, positions, key_mask, query)
+        fast = models.refresh_forward(net, x, positions, key_mask, query, blocks=blocks)
+        assert all(torch.allclose(a, b, atol=1e-3, rtol=1e-3) for a, b in zip(fast, eager))
+        _, keys, values, hidden = eager
+        rows, computed = torch.tensor([2, 0]), windows([(T - 12, 12), (T - 8, 8)], 12)
+        x[:, T - 6] = 7  # a commit inside the windows
+        args = x[rows], positions[rows], key_mask[rows], query[rows], keys, values, hidden, rows, computed
+        assert torch.allclose(models.cached_forward(net, *args, blocks=blocks), models.cached_forward(net, *args),
+                              atol=1e-3, rtol=1e-3)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs[0] == graphs[1] == 2  # one graph without and one with a cache, for every shape
+
+
+class Replayed(models.GraphedForward):
+    """GraphedForward with a CPU stand-in for the CUDA graph: a replay runs the forward on the
+    captured inputs and writes into the captured outputs, as a graph replay does."""
+
+    def record(self, static):
+        out = self.forward(*static)
+        captured = out if isinstance(out, tuple) else (out,)
+
+        class Graph:
+            def replay(_):
+                new = self.forward(*static)
+                for t, value in zip(captured, new if isinstance(new, tuple) else (new,)):
+                    t.copy_(value)
+        self.captures = getattr(self, "captures", 0) + 1
+        return Graph(), out
+
+
+@torch.no_grad()
+def test_graphed_forwards_copy_inputs_in_read_the_cache_in_place_and_return_copies(net):
+    x, positions, key_mask, query = inputs(3, 24)
+    refresh = Replayed(partial(models.refresh_forward, net))
+    first = refresh(x, positions, key_mask, query)
+    flipped = x.flip(0), positions.flip(0), key_mask.flip(0), query
+    second = refresh(*flipped)  # a replay on new values; what the first call returned stays
+    assert refresh.captures == 1
+    assert all(torch.equal(a, b) for a, b in zip(first, models.refresh_forward(net, x, positions, key_mask, query)))
+    assert all(torch.equal(a, b) for a, b in zip(second, models.refresh_forward(net, *flipped)))
+
+    rows, cache = torch.tensor([0, 1, 2]), models.KVCache(3)
+    cache.store(rows, *first[1:])
+    cached = Replayed(partial(models.cached_forward, net), keep=2, shared=(4, 5, 6))
+
+    def both(cache, x, width=8):
+        """The graphed and the plain cached forward of the `width` positions before the last 8."""
+        args = (x, positions, key_mask, query, cache.keys, cache.values, cache.hidden, rows,
+                windows([(16 - width, width)] * 3, width))
+        return cached(*args), models.cached_forward(net, *args)
+    assert torch.equal(*both(cache, x))
+    cache.store(rows, *second[1:])  # the cache changed in place: the graph reads it there
+    assert torch.equal(*both(cache, x))
+    assert cached.captures == 1 and next(iter(cached.graphs.values()))[1][4] is cache.keys
+    other, changed = models.KVCache(3), x.clone()
+    other.store(rows, *first[1:])
+    changed[:, 12] = 9
+    assert torch.equal(*both(other, changed))  # another cache of the same shape is copied in
+    both(other, x, 4), both(other, x, 6)  # two more shapes: the first one's graph is evicted (keep=2)
+    assert cached.captures == 3 and len(cached.graphs) == 2
