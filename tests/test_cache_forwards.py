@@ -6,14 +6,21 @@ from functools import partial
 import pytest
 import torch
 import torch._dynamo.utils
+import torch.nn.functional as F
 
 import custom_demask_eval as cde
+import kvcache
 import models
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
-def net(request, tiny_llada, tiny_dream):
-    return cde.load_model(tiny_llada if request.param == "llada" else tiny_dream, device="cpu").net
+def lm(request, tiny_llada, tiny_dream):
+    return cde.load_model(tiny_llada if request.param == "llada" else tiny_dream, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def net(lm):
+    return lm.net
 
 
 def inputs(B, T, seed=0):
@@ -27,7 +34,8 @@ def inputs(B, T, seed=0):
 
 
 def windows(starts, width):
-    """[r, width] runs of positions from `starts`, the last one repeated past `stop` as positions_of pads."""
+    """[r, width]: for each (start, n) of `starts` the n positions from start, the last one repeated
+    up to `width` (as BatchCache.positions_of pads)."""
     return torch.stack([s + torch.arange(width).clamp(max=n - 1) for s, n in starts])
 
 
@@ -133,3 +141,35 @@ def test_graphed_forwards_copy_inputs_in_read_the_cache_in_place_and_return_copi
     assert torch.equal(*both(other, changed))  # another cache of the same shape is copied in
     both(other, x, 4), both(other, x, 6)  # two more shapes: the first one's graph is evicted (keep=2)
     assert cached.captures == 3 and len(cached.graphs) == 2
+
+
+@pytest.mark.parametrize("mode", ["prefix", "dual"])
+@torch.no_grad()
+def test_batch_cache_with_the_gpu_forwards_sees_what_the_eager_one_does(lm, mode):
+    """BatchCache with the forwards fast_forwards makes for a batch (compiled blocks, the cache read
+    in place), Replayed standing in for the CUDA graphs, against the eager BatchCache: rows in
+    different blocks refreshing alone, finishing early, some calls asking for some queries."""
+    def gpu_like():
+        forwards = models.fast_forwards(lm.net)[1]()
+        for forward in forwards:
+            forward.__class__ = Replayed
+        return forwards
+    ids, mask = cde.left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], lm.pad_id)
+    P, G, L = ids.shape[1], 24, 8
+    runs = []
+    for forwards in (lm.cache_forwards, gpu_like):
+        x, key = F.pad(ids, (0, G), value=lm.mask_id), F.pad(mask, (0, G), value=True)
+        cache = kvcache.BatchCache(lm, mode, P, L)
+        cache.refresh_forward, cache.cached_forward = forwards()
+        calls = []
+        for step in range(14):
+            query = None if step % 3 else P + torch.tensor([[0, 5, 9]] * 3)
+            calls.append((cache(x, key, None, query), [(r.tolist(), c) for r, c in cache.work]))
+            for row in range(3):  # row i commits i + 1 tokens per call
+                masked = (x[row, P:] == lm.mask_id).nonzero().squeeze(1)[:row + 1]
+                x[row, P + masked] = 40 + step
+        runs.append(calls)
+    (eager, fast), captures = runs, (cache.refresh_forward.captures, cache.cached_forward.captures)
+    assert [w for _, w in eager] == [w for _, w in fast]
+    assert any(len(w) == 2 for _, w in eager) and captures[0] > 1  # mixed calls, rows refreshing alone
+    assert all(torch.allclose(a, b, atol=1e-3, rtol=1e-3) for (a, _), (b, _) in zip(fast, eager))
