@@ -1,4 +1,4 @@
-"""--cache prefix|dual (kvcache.py, models.kv_forward): the cached forward against the full one, when
+"""--cache prefix|dual (kvcache.py, models.refresh_forward and models.cached_forward): the cached forward against the full one, when
 the handle refreshes, guidance rows, and the CLI (recorded mode, run names, counts, resume, report)."""
 import json
 import os

@@ -50,7 +50,7 @@ def test_bench_profile_needs_a_gpu():
 
 
 def test_compiled_blocks_share_one_graph_and_match_eager(tiny_llada):
-    """What fast_forward runs on a GPU, minus the CUDA graphs: compiled blocks for every layer."""
+    """What fast_forwards runs on a GPU, minus the CUDA graphs: compiled blocks for every layer."""
     net = cde.load_model(tiny_llada, device="cpu").net
     blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
     assert len(blocks) > 1
