@@ -1,5 +1,6 @@
-"""--cache prefix|dual (kvcache.py, models.refresh_forward and models.cached_forward): the cached forward against the full one, when
-the handle refreshes, guidance rows, and the CLI (recorded mode, run names, counts, resume, report)."""
+"""--cache prefix|dual (kvcache.py; models.refresh_forward, models.cached_forward): the cached forward
+against the full one, when the handle refreshes, guidance rows, and the CLI (recorded mode, run names,
+counts, resume, report)."""
 import json
 import os
 
