@@ -282,18 +282,22 @@ def timing(records, first_done, widths, full_widths):
     sample of its lengths, so their s/sample alone would not project the full run."""
     groups = batches(records)
     rest = [r for g in groups[1:] for r in g]
-    steady = sum(r["seconds"] for r in rest) / len(rest) if rest else None
-    warm = first_done - len(groups[0]) * steady if steady is not None and first_done is not None else None
-    per_token = sum(r["seconds"] for r in rest) / sum(r["steps"] * widths[r["id"]] for r in rest) if rest else None
-    steps = sum(r["steps"] for r in rest) / len(rest) if rest else None
-    full_s = per_token * steps * sum(n * w for n, w in full_widths) if rest else None
-    projected = (warm + full_s) / 60 if warm is not None else None
-    return dict(steady_s_per_sample=rounded(steady, 4), warmup_s=rounded(warm, 2),
-                first_batch_done_s=rounded(first_done, 2), first_batch_size=len(groups[0]) if groups else 0,
-                steady_samples=len(rest), us_per_token_forward=rounded(per_token and per_token * 1e6, 3),
-                mean_width=rounded(sum(widths[r["id"]] for r in rest) / len(rest), 1) if rest else None,
-                full_mean_width=rounded(sum(n * w for n, w in full_widths) / sum(n for n, _ in full_widths), 1),
-                projected_min=rounded(projected, 2))
+    full_positions = sum(n * w for n, w in full_widths)
+    row = dict(first_batch_done_s=rounded(first_done, 2), first_batch_size=len(groups[0]) if groups else 0,
+               steady_samples=len(rest), full_mean_width=rounded(full_positions / sum(n for n, _ in full_widths), 1),
+               steady_s_per_sample=None, warmup_s=None, us_per_token_forward=None, mean_width=None, projected_min=None)
+    if not rest:
+        return row
+    seconds = sum(r["seconds"] for r in rest)
+    steady = seconds / len(rest)
+    per_token = seconds / sum(r["steps"] * widths[r["id"]] for r in rest)
+    steps = sum(r["steps"] for r in rest) / len(rest)
+    row.update(steady_s_per_sample=rounded(steady, 4), us_per_token_forward=rounded(per_token * 1e6, 3),
+               mean_width=rounded(sum(widths[r["id"]] for r in rest) / len(rest), 1))
+    if first_done is not None:
+        warm = first_done - len(groups[0]) * steady
+        row.update(warmup_s=rounded(warm, 2), projected_min=rounded((warm + per_token * steps * full_positions) / 60, 2))
+    return row
 
 
 def padded_widths(lengths, ids, batch_size, gen_length):
@@ -301,8 +305,8 @@ def padded_widths(lengths, ids, batch_size, gen_length):
     samples `ids` (prompt lengths `lengths`): sorted by prompt length, cut into batches."""
     order = sorted(ids, key=lambda i: lengths[i])
     groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    width = {i: max(lengths[j] for j in g) + gen_length for g in groups for i in g}
-    return width, [(len(g), max(lengths[j] for j in g) + gen_length) for g in groups]
+    batch_widths = [(g, max(lengths[j] for j in g) + gen_length) for g in groups]
+    return {i: w for g, w in batch_widths for i in g}, [(len(g), w) for g, w in batch_widths]
 
 
 def prompt_lengths(label, checkpoint):

@@ -111,11 +111,16 @@ def prompts(model, family, n, seed):
     return random_prompts(model, random.Random(seed).sample(prompt_lengths(family), n), seed)
 
 
-def label_batches(model, family, batch_size, n_batches):
-    """n_batches of the batches a full run makes (prompts sorted by length, then cut into batches,
-    as run_eval does), taken at evenly spaced quantiles of the prompt length."""
+def length_groups(family, batch_size):
+    """The prompt lengths of every batch a full run makes (sorted by length, then cut into batches,
+    as run_eval does)."""
     lengths = sorted(prompt_lengths(family))
-    groups = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    return [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+
+
+def label_batches(model, family, batch_size, n_batches):
+    """n_batches of the batches a full run makes, taken at evenly spaced quantiles of the prompt length."""
+    groups = length_groups(family, batch_size)
     return [random_prompts(model, groups[int((j + 0.5) * len(groups) / n_batches)], j) for j in range(n_batches)]
 
 
@@ -137,14 +142,20 @@ def run(model, batch, args):
     return sum(decode(model, batch, args, decoder)[1])
 
 
+def first_state(model, batch, args):
+    """(x, key_mask, query) of a left-padded batch's first forward: the whole generation masked,
+    the first block's positions queried."""
+    ids, mask = cde.left_pad(batch, model.pad_id)
+    x = F.pad(ids, (0, args.gen_length), value=model.mask_id).to(model.device)
+    key_mask = None if mask.all() else F.pad(mask, (0, args.gen_length), value=True).to(model.device)
+    query = (ids.shape[1] + torch.arange(args.block_length, device=model.device)).expand(len(batch), -1)
+    return x, key_mask, query
+
+
 def bare_forward_ms(model, batch, args, n=16):
     """ms per forward of the network alone on the batch's first decoding state, the queries of one
     block as the decoder asks for them: what a decoder's own work is compared with."""
-    ids, mask = cde.left_pad(batch, model.pad_id)
-    P = ids.shape[1]
-    x = F.pad(ids, (0, args.gen_length), value=model.mask_id).to(model.device)
-    key_mask = None if mask.all() else F.pad(mask, (0, args.gen_length), value=True).to(model.device)
-    query = (P + torch.arange(args.block_length, device=model.device)).expand(len(batch), -1)
+    x, key_mask, query = first_state(model, batch, args)
     model.logits(x, key_mask, None, query)
     sync(args.device)
     start = time.perf_counter()
@@ -234,16 +245,11 @@ def width_sweep(model, family, batch_size, args):
     into batches of batch_size, as run_eval does), forwarded twice each as a batch's first two forwards
     are: the first pays the shape's CUDA-graph capture (and any compilation), the second replays it.
     Per shape: both times and the GPU memory allocated and reserved after them."""
-    lengths = sorted(prompt_lengths(family))
-    groups = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     shapes = []
-    for j, group in enumerate(groups):
-        ids, mask = cde.left_pad(random_prompts(model, group, j), model.pad_id)
-        x = F.pad(ids, (0, args.gen_length), value=model.mask_id).to(model.device)
-        key_mask = None if mask.all() else F.pad(mask, (0, args.gen_length), value=True).to(model.device)
-        query = (ids.shape[1] + torch.arange(args.block_length, device=model.device)).expand(len(group), -1)
+    for j, group in enumerate(length_groups(family, batch_size)):
+        x, key_mask, query = first_state(model, random_prompts(model, group, j), args)
         seconds = []
         for _ in range(2):
             sync(args.device)
