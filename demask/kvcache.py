@@ -9,32 +9,25 @@ handle does this for every decoder, which keeps calling model(x) as before (see 
 """
 import torch
 
-import models
+from . import networks
+from .decoders import current_block
+from .settings import CACHE_MODES as MODES  # noqa: F401 (the --cache choices)
 
-MODES = ("none", "prefix", "dual")
-
-
-def setting(mode):
-    """The run configuration's entry: {"cache": mode} for a cached run; an exact run has none, so its
-    configuration, fingerprint and run names are those of the harness without this option."""
-    return {} if mode in (None, "none") else {"cache": mode}
-
-
-def tag(cfg):
+def tag(run):
     """'+prefix' / '+dual' in run names and fingerprints of cached runs, '' for exact ones."""
-    return f"+{cfg['cache']}" if cfg.get("cache", "none") != "none" else ""
+    return f"+{run.cache}" if run.cache != "none" else ""
 
 
-def for_batch(cfg, lm, prompt_width):
+def for_batch(run, lm, prompt_width):
     """The BatchCache of one batch of a cached run, None for an exact one."""
-    if cfg.get("cache", "none") == "none":
+    if run.cache == "none":
         return None
-    return BatchCache(lm, cfg["cache"], prompt_width, cfg["block_length"])
+    return BatchCache(lm, run.cache, prompt_width, run.block_length)
 
 
-def deviations(cfg):
+def deviations(run):
     """The entry summary.json's deviation list gets for a cached run (none for an exact one)."""
-    mode = cfg.get("cache", "none")
+    mode = run.cache
     if mode == "none":
         return []
     computed = "the block and every position after it" if mode == "prefix" else "the block"
@@ -60,7 +53,7 @@ class BatchCache:
     position the mode does not recompute differ from its last refresh. Otherwise only the mode's
     positions are computed (`window`), and logits of the other positions come from the refresh's
     hidden states. `work` lists the forwards of the last call: (its rows, positions computed per row).
-    The two forwards are the batch's lm.cache_forwards() (models.refresh_forward and cached_forward;
+    The two forwards are the batch's lm.cache_forwards() (networks.refresh_forward and cached_forward;
     on a GPU compiled blocks replayed as CUDA graphs of the batch's own).
     """
 
@@ -85,12 +78,12 @@ class BatchCache:
         positions = (keys.long().cumsum(1) - 1).clamp(min=0) if positions is None else positions.to(x.device)
         query = torch.arange(T, device=x.device).expand(R, T) if query_idx is None else query_idx
         if self.cache is None or self.cache.n_rows != R:
-            self.cache, self.block = models.KVCache(R), torch.full((R,), -1, device=x.device)
+            self.cache, self.block = networks.KVCache(R), torch.full((R,), -1, device=x.device)
             self.x, self.keys, self.positions = x.clone(), keys.clone(), positions.clone()
 
         # which rows to refresh, which to compute in part: decided on the host (one sync)
         masked = x[:, self.P:] == self.lm.mask_id
-        block = torch.where(masked.any(1), masked.float().argmax(1).long() // self.L, -1)
+        block = current_block(masked, self.L)
         window = self.window(block, T)
         stale = ((block < 0) | (block != self.block) | (keys != self.keys).any(1)
                  | (positions != self.positions).any(1) | ((x != self.x) & ~window).any(1))

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from tasks import InputError
+from .tasks import InputError
 
 
 def parse_samples_file(path, wanted):

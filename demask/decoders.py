@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .settings import DECODER_SETTINGS
+
 # ---------------------------------------------------------------------------
 # Token choice and position scores
 
@@ -22,6 +24,14 @@ def get_num_transfer_tokens(mask, steps):
     n = mask.sum(dim=1, keepdim=True)
     step = torch.arange(steps, device=mask.device)
     return (n // steps + (step < n % steps)).long()
+
+
+def current_block(masked, block_length, done=-1):
+    """[B] long: each row's current block, the earliest block of its generation that still has a
+    mask (masked: [B, gen_length] bool); `done` (a number or [B]) for rows without one. The one
+    definition the rule check, BlockDecoder and the KV cache share."""
+    first = masked.float().argmax(1).long() // block_length
+    return torch.where(masked.any(1), first, done)
 
 
 def add_gumbel_noise(logits, temperature):
@@ -222,7 +232,7 @@ class BlockDecoder:
             masked = x[:, P:] == self.mask_id
             if not masked.any():
                 return x, used_steps
-            block = torch.where(masked.any(1), masked.float().argmax(1) // block_length, current)
+            block = current_block(masked, block_length, done=current)
             entered = block != current
             start = block * block_length
             query = offsets[None].expand(B, -1) if self.whole_generation else start[:, None] + offsets
@@ -653,7 +663,8 @@ def method_position_score(name, decoder_args=None):
 
 
 def build_decoder(name, mask_id, settings, decoder_args):
-    """Instantiate a registered decoder with the run settings its constructor accepts, the entry's
+    """Instantiate a registered decoder with its own named arguments: the run settings of
+    DECODER_SETTINGS its constructor accepts (`settings`: a RunSettings or a dict), the entry's
     fixed arguments and `decoder_args`. The one place where decoder names and arguments are checked:
     raises ValueError (unknown name or parameter, or a value the constructor refuses)."""
     if name not in DECODERS:
@@ -663,23 +674,24 @@ def build_decoder(name, mask_id, settings, decoder_args):
     unknown = set(decoder_args) - set(accepted)
     if unknown:
         raise ValueError(f"decoder {name!r} has no parameter(s) {sorted(unknown)}")
-    kwargs = {k: v for k, v in settings.items() if k in accepted and v is not None}
+    named = settings.decoder_settings() if hasattr(settings, "decoder_settings") else settings
+    kwargs = {k: v for k, v in named.items() if k in DECODER_SETTINGS and k in accepted and v is not None}
     try:
         return info.cls(mask_id=mask_id, **{**kwargs, **info.fixed, **decoder_args})
     except TypeError as e:
         raise ValueError(f"decoder {name!r}: {e}") from e
 
 
-def describe_decoder(name, decoder, cfg):
+def describe_decoder(name, decoder, run):
     """What a run records about its decoder: registry entry and settings derived from the run."""
     info = DECODERS[name]
     cls = type(decoder)
     out = dict(method_type=info.method_type, representative_param=info.representative_param,
-               position_score=method_position_score(name, cfg.get("decoder_args")),
+               position_score=method_position_score(name, run.decoder_args),
                remasks=bool(getattr(decoder, "remasks", False)), batched=bool(getattr(decoder, "batched", False)),
-               cls=f"{cls.__module__.replace('__main__', 'custom_demask_eval')}.{cls.__qualname__}")
+               cls=f"{cls.__module__}.{cls.__qualname__}")
     if callable(getattr(decoder, "info", None)):
-        out.update(decoder.info(cfg["gen_length"], cfg["steps"], cfg["block_length"]))
+        out.update(decoder.info(run.gen_length, run.steps, run.block_length))
     return out
 
 

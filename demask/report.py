@@ -14,10 +14,9 @@ import re
 
 import numpy as np
 
-import report_html
-import trajectories
-from decoders import DECODERS, method_config_keys, method_position_score
-from kvcache import MODES
+from . import report_html, trajectories
+from .decoders import DECODERS, method_config_keys, method_position_score
+from .kvcache import MODES
 
 ACCURACY_METRICS = ("accuracy", "pass@1")
 TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")

@@ -1,0 +1,308 @@
+"""The decode core: the loaded model, the per-batch handle a decoder calls, forward counting, rule
+checks, left padding, decoding a batch and judging it.
+
+What every tool reuses (the command line, lm-eval, benchmarks, policy training, tests): nothing here
+knows about run directories, labels or the command line. `decode_batch` is the one way a decoder is
+run: its model handle counts each forward per sample and hands every input and the returned x to a
+`RuleChecker`.
+"""
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import kvcache, networks, trajectories
+from .decoders import current_block
+from .tasks import InputError
+
+# ---------------------------------------------------------------------------
+# The model a decoder sees
+
+
+class RuleViolation(RuntimeError):
+    pass
+
+
+class DiffusionLM:
+    """A loaded LLaDA or Dream as the harness holds it: the network and its forward, the tokenizer
+    and the special ids. Decoders never get this object; they get a `DecoderModel` per batch."""
+
+    def __init__(self, loaded):
+        self.net, self.family, self.tokenizer = loaded.net, loaded.family, loaded.tokenizer
+        self.config, self.device, self.dtype = loaded.config, loaded.device, loaded.dtype
+        self.mask_id = self.config["mask_token_id"]
+        self.pad_id = self.config.get("pad_token_id", self.config.get("eos_token_id"))
+        self.stop_ids = stop_ids(self.config, self.pad_id, self.tokenizer)
+        self.vocab_size = self.net.parts()[3].out_features
+        self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
+        self.forward, self.cache_forwards = networks.network_forwards(self.net, self.device)
+
+    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
+        """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel."""
+        key_mask = None if attention_mask is None else attention_mask.to(self.device).bool()
+        return SimpleNamespace(logits=self.logits(x.to(self.device), key_mask, positions, query_idx))
+
+    @torch.no_grad()
+    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
+        """fp32 logits [B, Q, V]; rows without any mask token are not computed (zeros) unless no
+        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache."""
+        if cache is not None:
+            return cache(x, key_mask, positions, query_idx)
+        B, T = x.shape
+        if positions is None and key_mask is None:
+            positions = torch.arange(T, device=self.device).expand(B, T)
+        elif positions is None:
+            positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+        if query_idx is None:
+            query_idx = torch.arange(T, device=self.device).expand(B, T)
+        attend = None if key_mask is None else key_mask[:, None, None, :]
+        live = (x == self.mask_id).any(1)
+        if int(live.sum()) in (0, B):
+            return self.forward(x, positions, attend, query_idx).float()
+        logits = torch.zeros(B, query_idx.shape[1], self.vocab_size, device=self.device)
+        logits[live] = self.forward(x[live], positions[live], None if attend is None else attend[live],
+                                    query_idx[live]).float()
+        return logits
+
+
+def stop_ids(config, pad_id, tokenizer):
+    unk = getattr(tokenizer, "unk_token_id", None) if tokenizer else None
+    named = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")] if tokenizer else []
+    return sorted({i for i in [config.get("eos_token_id"), pad_id, *named] if isinstance(i, int) and i != unk})
+
+
+class DecoderModel:
+    """What a decoder calls for one batch: model(x, attention_mask=None, query_idx=None,
+    positions=None).logits, plus the documented attributes. Forwards are counted and checked
+    here, by state the decoder cannot reach by attribute (the slots hold only what is documented)."""
+    __slots__ = ("device", "mask_id", "stop_ids", "tokenizer", "config", "family", "n_tokens", "vocab_size",
+                 "_call")
+
+    def __init__(self, lm, call):
+        for name in self.__slots__[:-1]:
+            object.__setattr__(self, name, getattr(lm, name))
+        object.__setattr__(self, "_call", call)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the model handle is read-only ({name!r} cannot be set)")
+
+    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
+        return self._call(x, attention_mask, query_idx, positions)
+
+
+def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
+    """A DecoderModel for one batch. Every call is checked (`checker`) and counted into `nfe`
+    ([B] long): a call of k*B rows counts k forwards for every sample with a mask left,
+    rows i, i + B, i + 2B, ... belonging to sample i (e.g. a guidance batch of 2B rows).
+    A `recorder` (trajectories.Recorder) sees each call's input, its counts and the logits returned;
+    a `cache` (kvcache.BatchCache, --cache prefix|dual) computes the forwards."""
+    B, P = prompt_mask.shape
+    padded = None if bool(prompt_mask.all()) else prompt_mask.to(lm.device)
+
+    def call(x, attention_mask, query_idx, positions):
+        if not torch.is_tensor(x):
+            raise RuleViolation(f"rule 'forward input' broken for sample {checker.ids[0]}: model() got "
+                                f"{type(x).__name__}, expected a tensor of token ids")
+        x = x.to(lm.device)
+        checker(x)
+        live = (x == lm.mask_id).any(1).view(-1, B).any(0)  # the checker admits only k*B rows
+        counted = (x.shape[0] // B) * (live if bool(live.any()) else torch.ones_like(live)).long().cpu()
+        nfe.add_(counted)
+        if recorder is not None:
+            recorder.forward(x, counted)
+        if attention_mask is not None:
+            key_mask = attention_mask.to(lm.device).bool()
+        elif padded is not None:
+            key_mask = F.pad(padded.repeat(x.shape[0] // B, 1), (0, x.shape[1] - P), value=True)
+        else:
+            key_mask = None
+        query_idx = None if query_idx is None else query_idx.to(lm.device)
+        logits = lm.logits(x, key_mask, positions, query_idx, cache)
+        if recorder is not None:
+            recorder.returned(logits, query_idx, x.shape[1])
+        return SimpleNamespace(logits=logits)
+    return DecoderModel(lm, call)
+
+
+def load_model(path_or_id, device=None, dtype=None):
+    """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM."""
+    try:
+        return DiffusionLM(networks.load_checkpoint(path_or_id, device, dtype))
+    except Exception as e:  # hub unreachable, missing or broken files: one line, not a traceback
+        raise InputError(f"cannot load model {path_or_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+
+# ---------------------------------------------------------------------------
+# Rule checks: every forward's input and the returned x
+
+
+class RuleChecker:
+    """Checks a decode of one batch: shape, integer ids inside the vocabulary, prompt unchanged, no
+    mask left, committed tokens never change (unless the decoder declares `remasks = True`), blocks
+    in order (positions committed between two forwards, or between the last forward and the result,
+    lie in the earliest block that still had masks at the earlier forward), and progress (a row with
+    masks left whose generation has not changed for `patience` forwards is stopped)."""
+
+    def __init__(self, sample_ids, input_ids, gen_length, steps, block_length, mask_id, vocab_limit, remasks):
+        self.ids, self.prompt, self.gen_length, self.block_length = sample_ids, input_ids, gen_length, block_length
+        self.mask_id, self.vocab_limit, self.remasks = mask_id, vocab_limit, remasks
+        self.shape = (input_ids.shape[0], input_ids.shape[1] + gen_length)
+        self.patience = gen_length + steps
+        self.previous, self.idle = None, torch.zeros(input_ids.shape[0], dtype=torch.long)
+
+    def violation(self, rule, rows, detail):
+        row = int(rows.nonzero()[0, 0]) if torch.is_tensor(rows) else rows
+        raise RuleViolation(f"rule '{rule}' broken for sample {self.ids[row]}: {detail}")
+
+    def __call__(self, x):
+        B, T = self.shape
+        if x.dim() != 2 or x.shape[1] != T or x.shape[0] % B:
+            self.violation("forward shape", 0, f"model() got input {list(x.shape)}; expected [{B}, {T}] "
+                           f"(or [k*{B}, {T}] for guidance rows)")
+        self.check_ids(x, "forward input")
+        gen = x[:, -self.gen_length:].view(-1, B, self.gen_length)
+        if (gen != gen[:1]).any():
+            self.violation("guidance rows", (gen != gen[:1]).any(0).any(1),
+                           "rows i + k*B of a forward must hold sample i's generation")
+        state = x[:B]
+        self.check_prompt(state)
+        if self.previous is not None:
+            self.check_transition(self.previous, state)
+            self.check_progress(self.previous, state)
+        self.previous = state.detach().clone()
+
+    def finish(self, x):
+        if not torch.is_tensor(x) or tuple(x.shape) != self.shape:
+            self.violation("output shape", 0, f"expected {list(self.shape)}, got "
+                           f"{list(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        self.check_ids(x, "valid token ids")
+        self.check_prompt(x)
+        if self.previous is not None:
+            self.check_transition(self.previous, x)
+        gen = x[:, -self.gen_length:]
+        left = gen == self.mask_id
+        if left.any():
+            self.violation("no mask left", left.any(1), f"{int(left.sum())} mask tokens remain in the generation")
+
+    def check_ids(self, x, rule):
+        if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            self.violation(rule, 0, f"token ids must be integers, got dtype {x.dtype}")
+        bad = ((x < 0) | ((x >= self.vocab_limit) & (x != self.mask_id)))[:, -self.gen_length:]
+        if bad.any():
+            rows = bad.view(-1, self.shape[0], self.gen_length).any(0).any(1)
+            self.violation(rule, rows, f"ids outside the vocabulary of {self.vocab_limit} tokens")
+
+    def check_prompt(self, x):
+        changed = (x[:, :self.prompt.shape[1]] != self.prompt.to(x.device)).any(1)
+        if changed.any():
+            self.violation("prompt unchanged", changed, "the decoder wrote into the prompt")
+
+    def check_transition(self, before, after):
+        before, after = before[:, -self.gen_length:], after[:, -self.gen_length:]
+        was_masked = before == self.mask_id
+        rewritten = ~was_masked & (after != before)
+        if rewritten.any() and not self.remasks:
+            self.violation("committed tokens are final", rewritten.any(1),
+                           "a committed token was changed or re-masked (declare remasks = True for remasking decoders)")
+        new = was_masked & (after != self.mask_id)
+        first_block = current_block(was_masked, self.block_length)
+        block = torch.arange(self.gen_length, device=after.device)[None] // self.block_length
+        out_of_order = new & (block != first_block[:, None])
+        if out_of_order.any():
+            self.violation("blocks in order", out_of_order.any(1),
+                           "tokens were committed outside the earliest block that still had masks")
+
+    def check_progress(self, before, after):
+        unchanged = (before == after).all(1).cpu() & (after[:, -self.gen_length:] == self.mask_id).any(1).cpu()
+        self.idle = torch.where(unchanged, self.idle + 1, 0)
+        if (self.idle >= self.patience).any():
+            self.violation("progress", self.idle >= self.patience,
+                           f"no token committed or re-masked in {self.patience} consecutive forwards "
+                           "(gen_length + steps)")
+
+# ---------------------------------------------------------------------------
+# Decoding a batch under the rule checks, and judging it
+
+
+def left_pad(prompts, pad_id):
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = True
+    return ids, mask
+
+
+def cut_at_stop(ids, stop_ids):
+    for i, t in enumerate(ids):
+        if t in stop_ids:
+            return ids[:i], True
+    return ids, False
+
+
+def checked_output(result, sample_id, device):
+    """The decoder's (x, used_steps), or a RuleViolation naming what it returned instead."""
+    if not (isinstance(result, tuple) and len(result) == 2):
+        got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, tuple) else "")
+        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: got {got}")
+    x, steps = result
+    if not torch.is_tensor(x) or x.device.type != torch.device(device).type:
+        where = f"a tensor on {x.device}" if torch.is_tensor(x) else type(x).__name__
+        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: x is {where}, "
+                            f"expected a tensor on {device}")
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) and not (
+            torch.is_tensor(steps) and steps.numel() == 1 and not steps.is_floating_point()):
+        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: used_steps is "
+                            f"{type(steps).__name__}, expected an int")
+    return x, int(steps)
+
+
+def decode_rows(run, lm, decoder, input_ids, prompt_mask, sample_ids, traces=None):
+    """One decode of rows that form one call of the decoder, under the rule checks; returns the
+    generations [B, gen_length], the counted forwards per row and the reported steps. `run`: the
+    RunSettings (gen_length, steps, block_length, cache). With a list `traces`, each row's trace
+    (trajectories.py) is appended to it."""
+    G = run.gen_length
+    checker = RuleChecker(sample_ids, input_ids.to(lm.device), G, run.steps, run.block_length,
+                          lm.mask_id, lm.n_tokens, getattr(decoder, "remasks", False))
+    nfe = torch.zeros(len(sample_ids), dtype=torch.long)
+    recorder = None if traces is None else trajectories.Recorder(len(sample_ids), G, lm.mask_id)
+    model = batch_model(lm, prompt_mask, checker, nfe, recorder, kvcache.for_batch(run, lm, input_ids.shape[1]))
+    result = decoder.decode(model, input_ids, G, run.steps, run.block_length)
+    x, reported = checked_output(result, sample_ids[0], lm.device)
+    checker.finish(x)
+    if recorder is not None:
+        traces.extend(recorder.finish(x))
+    return x[:, -G:].tolist(), nfe.tolist(), reported
+
+
+def decode_batch(run, lm, decoder, batch, seed, traces=None):
+    """Decode one batch: together when the decoder declares `batched = True`, else one row at a
+    time with that row's unpadded prompt (decoders written for batch 1, like LLaDA's generate.py).
+    Returns generations, counted forwards per sample and reported steps per sample; with a list
+    `traces`, the samples' traces are appended to it in batch order."""
+    torch.manual_seed(seed)
+    prompts = [s["prompt_ids"] for s in batch]
+    if getattr(decoder, "batched", False):
+        input_ids, prompt_mask = left_pad(prompts, lm.pad_id)
+        generations, counted, reported = decode_rows(run, lm, decoder, input_ids, prompt_mask, [s["id"] for s in batch],
+                                                     traces)
+        return generations, counted, [reported] * len(batch)
+    out = [], [], []
+    for s, prompt in zip(batch, prompts):
+        input_ids = torch.tensor([prompt])
+        gen, counted, reported = decode_rows(run, lm, decoder, input_ids, torch.ones_like(input_ids, dtype=torch.bool),
+                                             [s["id"]], traces)
+        for acc, value in zip(out, (gen[0], counted[0], reported)):
+            acc.append(value)
+    return out
+
+
+def judge_batch(lm, task, batch, generations):
+    texts, stopped = [], []
+    for ids in generations:
+        kept, stop = cut_at_stop(ids, lm.stop_ids)
+        texts.append(lm.tokenizer.decode(kept, skip_special_tokens=True))
+        stopped.append(stop)
+    return texts, stopped, task.judge(batch, texts)
