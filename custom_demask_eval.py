@@ -647,7 +647,7 @@ def label_settings(args):
     if args.model_path:
         changes["model"] = args.model_path
     label = LABELS[args.label]
-    return label.replace(**changes, decoder=args.decoder or "default", decoder_args=parse_decoder_args(args.decoder_args),
+    return label.replace(**changes, label=args.label, decoder=args.decoder or "default", decoder_args=parse_decoder_args(args.decoder_args),
                          seed=1234 if args.seed is None else args.seed, device=args.device,
                          limit=args.limit or label.limit, batch_size=args.batch_size or label.batch_size,
                          cache=args.cache or "none")

@@ -28,7 +28,7 @@ class DiffusionLM:
     """A loaded LLaDA or Dream as the harness holds it: the network and its forward, the tokenizer
     and the special ids. Decoders never get this object; they get a `DecoderModel` per batch."""
 
-    def __init__(self, loaded):
+    def __init__(self, loaded, graphed=True):
         self.net, self.family, self.tokenizer = loaded.net, loaded.family, loaded.tokenizer
         self.config, self.device, self.dtype = loaded.config, loaded.device, loaded.dtype
         self.mask_id = self.config["mask_token_id"]
@@ -36,7 +36,7 @@ class DiffusionLM:
         self.stop_ids = stop_ids(self.config, self.pad_id, self.tokenizer)
         self.vocab_size = self.net.parts()[3].out_features
         self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
-        self.forward, self.cache_forwards = networks.network_forwards(self.net, self.device)
+        self.forward, self.cache_forwards = networks.network_forwards(self.net, self.device, graphed)
 
     def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
         """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel."""
@@ -125,10 +125,12 @@ def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
     return DecoderModel(lm, call)
 
 
-def load_model(path_or_id, device=None, dtype=None):
-    """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM."""
+def load_model(path_or_id, device=None, dtype=None, graphed=True):
+    """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM.
+    graphed=False keeps the plain forward on a GPU too (no compiled blocks, no CUDA graphs: for
+    callers whose batches change their number of rows at every forward, like policy training)."""
     try:
-        return DiffusionLM(networks.load_checkpoint(path_or_id, device, dtype))
+        return DiffusionLM(networks.load_checkpoint(path_or_id, device, dtype), graphed)
     except Exception as e:  # hub unreachable, missing or broken files: one line, not a traceback
         raise InputError(f"cannot load model {path_or_id!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
 

@@ -259,9 +259,9 @@ def fast_forwards(net):
     return GraphedForward(partial(forward_logits, net, blocks=blocks)), batch_forwards
 
 
-def network_forwards(net, device):
-    """(forward, cache_forwards): fast_forwards on a GPU, else eager_forwards."""
-    return fast_forwards(net) if device.type == "cuda" else eager_forwards(net)
+def network_forwards(net, device, graphed=True):
+    """(forward, cache_forwards): fast_forwards on a GPU (unless graphed=False), else eager_forwards."""
+    return fast_forwards(net) if device.type == "cuda" and graphed else eager_forwards(net)
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from . import REPO
+from .core import decode_rows
 from .decoders import BlockDecoder, register_method
 
 SAMPLING_MODES = ("bernoulli", "bernoulli-argmax", "dpls")
@@ -226,17 +227,28 @@ class PolicyDecoder(BlockDecoder):
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, policy_path="models/tiny-policy",
                  sampling_mode="bernoulli-argmax", policy_temperature=1.0):
+        self.policy_path = os.path.join(REPO, policy_path)
+        if not os.path.isfile(os.path.join(self.policy_path, "model.safetensors")):
+            raise ValueError(f"no policy in {policy_path!r} (model.safetensors and config.json)")
+        self.setup(mask_id, temperature, top_p, load_policy(self.policy_path), sampling_mode, policy_temperature)
+
+    @classmethod
+    def from_network(cls, mask_id, net, temperature=0.0, top_p=None, sampling_mode="bernoulli-argmax",
+                     policy_temperature=1.0):
+        """A decoder around a policy network in memory (training: the network being trained)."""
+        decoder = cls.__new__(cls)
+        decoder.policy_path = None
+        decoder.setup(mask_id, temperature, top_p, net, sampling_mode, policy_temperature)
+        return decoder
+
+    def setup(self, mask_id, temperature, top_p, net, sampling_mode, policy_temperature):
         super().__init__(mask_id, temperature, top_p)
         if sampling_mode not in SAMPLING_MODES:
             raise ValueError(f"policy sampling_mode is one of {', '.join(SAMPLING_MODES)}; got {sampling_mode!r}")
         if not policy_temperature > 0:
             raise ValueError(f"policy_temperature must be > 0, got {policy_temperature!r}")
-        self.policy_path = os.path.join(REPO, policy_path)
-        if not os.path.isfile(os.path.join(self.policy_path, "model.safetensors")):
-            raise ValueError(f"no policy in {policy_path!r} (model.safetensors and config.json)")
-        self.net = load_policy(self.policy_path)
-        self.sampling_mode, self.policy_temperature = sampling_mode, float(policy_temperature)
-        self.whole_generation = self.net.config.full_context
+        self.net, self.sampling_mode, self.policy_temperature = net, sampling_mode, float(policy_temperature)
+        self.whole_generation = net.config.full_context
         self.trace, self.expert_rows, self.expert_threshold = None, None, None
 
     def info(self, gen_length, steps, block_length):
@@ -266,6 +278,19 @@ class PolicyDecoder(BlockDecoder):
             self.trace.append(dict(conf=top1, masked=batch.masked, t=t, candidates=candidates, action=action,
                                    logp=logp, active=active))
         return commit, tokens
+
+
+def rollout(run, lm, decoder, input_ids, prompt_mask, sample_ids, expert_rows=None, expert_threshold=None):
+    """A training rollout of a PolicyDecoder, decoded by the harness (rule checks, counted forwards).
+    expert_rows ([B] bool or None): rows whose choice is Fast-dLLM's threshold rule at
+    `expert_threshold` instead of the policy's. Returns (generations, counted forwards per row,
+    trace: one record per forward of the policy's inputs, candidates, action and log-likelihood)."""
+    decoder.trace, decoder.expert_rows, decoder.expert_threshold = [], expert_rows, expert_threshold
+    try:
+        generations, counted, _ = decode_rows(run, lm, decoder, input_ids, prompt_mask, sample_ids)
+        return generations, counted, decoder.trace
+    finally:
+        decoder.trace, decoder.expert_rows, decoder.expert_threshold = None, None, None
 
 
 register_method("policy", PolicyDecoder, method_type="adaptive", representative_param="policy_temperature",

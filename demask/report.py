@@ -179,7 +179,7 @@ def row_name(run):
     """The decoder's name (and its --cache mode); rows of the editable decoder and of plugins carry
     their code hash."""
     name = run["decoder"]
-    if run["fingerprint"] and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "decoders"):
+    if run["fingerprint"] and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "demask.decoders"):
         name += f" `{run['fingerprint'][:8]}`"
     return name + run["family"][len(run["decoder"]):]
 

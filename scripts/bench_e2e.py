@@ -46,7 +46,7 @@ than 10 minutes: then run the families as separate commands.
 
 --shapes tiny writes checkpoints of the same families, vocabularies and tokenizers, but 2 layers of
 width 64, sharded in the index's style (model-0000k-of-0000n.safetensors, at most as many shards as
-the real index) from the parameter names of models.py's network for that config; its default
+the real index) from the parameter names of networks.py's network for that config; its default
 --extra (batch 1, gen / steps / block 16, greedy) runs three labels of 2 samples on 2 CPU cores in
 about a minute.
 """
@@ -66,8 +66,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import custom_demask_eval as cde  # noqa: E402
-import models  # noqa: E402
-import tasks  # noqa: E402
+from demask import networks  # noqa: E402
+from demask import tasks  # noqa: E402
 
 MODEL_FILES = os.path.join(REPO, "tests", "fixtures", "model_files")
 REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b"}
@@ -100,10 +100,10 @@ def model_config(family, shapes):
 
 
 def parameter_shapes(family, config):
-    """{name: (shape, is_norm)} of models.py's network for `config`, built on the meta device."""
+    """{name: (shape, is_norm)} of networks.py's network for `config`, built on the meta device."""
     with torch.device("meta"):
-        net = models.MODEL_CLASSES[family](config)
-    norms = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, models.RMSNorm)}
+        net = networks.MODEL_CLASSES[family](config)
+    norms = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, networks.RMSNorm)}
     return {k: (tuple(v.shape), k in norms) for k, v in net.state_dict().items()}
 
 
@@ -124,7 +124,7 @@ def shard_plan(family, config, shapes):
     sizes = {k: 2 * torch.Size(shape).numel() for k, (shape, _) in shapes.items()}  # bf16
     if config == model_config(family, "real"):
         if set(real["weight_map"]) != set(sizes) or real["metadata"]["total_size"] != sum(sizes.values()):
-            raise SystemExit(f"{family}: models.py's parameters do not match the real index")
+            raise SystemExit(f"{family}: networks.py's parameters do not match the real index")
         return real
     n = len(set(real["weight_map"].values()))
     return dict(metadata=dict(total_size=sum(sizes.values())), weight_map=dict(sorted(shard_keys(sizes, n).items())))
@@ -217,14 +217,14 @@ def write_checkpoint(folder, family, shapes_mode, device, seed):
 
 
 def label_family(label):
-    family = FAMILIES.get(cde.LABELS.get(label, {}).get("model"))
+    family = FAMILIES.get(cde.LABELS[label].model if label in cde.LABELS else None)
     if family is None:
         raise SystemExit(f"{label!r}: not a label of LLaDA-8B-Instruct or Dream-v0-Instruct-7B")
     return family
 
 
 def label_samples(label):
-    return cde.TASKS[cde.LABELS[label]["task"]]().load(cde.LABELS[label])
+    return cde.TASKS[cde.LABELS[label].task]().load(cde.LABELS[label])
 
 
 def run_files(results, label):
@@ -312,7 +312,7 @@ def padded_widths(lengths, ids, batch_size, gen_length):
 def prompt_lengths(label, checkpoint):
     """{sample id: prompt tokens} of the whole label, encoded as the CLI encodes them."""
     family = label_family(label)
-    model = SimpleNamespace(tokenizer=models.load_tokenizer(checkpoint, family), family=family)
+    model = SimpleNamespace(tokenizer=networks.load_tokenizer(checkpoint, family), family=family)
     return {s["id"]: len(tasks.encode_prompt(model, s)) for s in label_samples(label)}
 
 

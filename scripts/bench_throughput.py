@@ -35,8 +35,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
-import kvcache  # noqa: E402
-import models  # noqa: E402
+from demask import kvcache  # noqa: E402
+from demask.settings import RunSettings  # noqa: E402
+from demask import networks  # noqa: E402
 
 PEAK = 790e12
 CONFIGS = {  # the real checkpoints' config.json values that matter for the forward
@@ -77,12 +78,12 @@ class CountingLM(cde.DiffusionLM):
 
 def build(shape, model_path, device):
     if model_path:
-        loaded = models.load_checkpoint(model_path, device=device)
+        loaded = networks.load_checkpoint(model_path, device=device)
         loaded.tokenizer = None
     else:
         config, family = CONFIGS[shape], shape
         with torch.device(device):
-            net = models.MODEL_CLASSES[family](config).to(torch.bfloat16)
+            net = networks.MODEL_CLASSES[family](config).to(torch.bfloat16)
         for p in net.parameters():
             torch.nn.init.normal_(p, std=0.02)
         loaded = SimpleNamespace(net=net.eval(), family=family, tokenizer=None, config=config,
@@ -133,7 +134,9 @@ def decode(model, batch, args, decoder):
     """A left-padded batch decoded as the CLI decodes it (rule checks and forward counts included);
     returns the generations and the forwards counted per row."""
     ids, mask = cde.left_pad(batch, model.pad_id)
-    generations, counted, _ = cde.decode_rows(vars(args), model, decoder, ids, mask, list(range(len(batch))))
+    run = RunSettings(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                      cache=getattr(args, "cache", "none"))  # bench() sets args.cache per timed mode
+    generations, counted, _ = cde.decode_rows(run, model, decoder, ids, mask, list(range(len(batch))))
     return generations, counted
 
 
@@ -189,7 +192,7 @@ def graph_error(model, family):
     """Max |logit| difference between the fast forward (compiled blocks, CUDA-graph replay) and eager."""
     x = torch.tensor(prompts(model, family, 2, 2)[0][:100], device=model.device)[None]
     captured, replayed = model(x).logits, model(x).logits
-    graphed, model.forward = model.forward, partial(models.forward_logits, model.net)
+    graphed, model.forward = model.forward, partial(networks.forward_logits, model.net)
     eager = model(x).logits
     model.forward = graphed
     return max((captured - eager).abs().max().item(), (replayed - eager).abs().max().item())
@@ -327,7 +330,7 @@ def main():
         if args.device.startswith("cuda") and not args.eager:
             print(f"{model.family}: fast vs eager forward max |diff| of logits: {graph_error(model, model.family)}")
         if args.eager or not args.device.startswith("cuda"):
-            model.forward, model.cache_forwards = models.eager_forwards(model.net)
+            model.forward, model.cache_forwards = networks.eager_forwards(model.net)
         if args.invariance:
             rows.append(invariance(model, model.family, args.invariance, 8, args))
         for b, cache in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(",")):

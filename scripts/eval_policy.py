@@ -27,7 +27,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
-import report  # noqa: E402
+from demask import report  # noqa: E402
 
 REFERENCES = "threshold:alg_threshold=0.5,0.6,0.7,0.8,0.9,0.95;factor;eb_sampler;klass"
 SEMI_AR_REFERENCE, SEMI_AR_SLACK = "threshold alg_threshold=0.9", 0.02
@@ -134,7 +134,7 @@ def main(argv=None):
     p.add_argument("--results_dir", default=os.path.join(cde.REPO, "results", "policy_eval"))
     p.add_argument("--out", default="policy_eval.csv")
     args = p.parse_args(argv)
-    args.model_path = args.model_path or cde.LABELS[args.label]["model"]
+    args.model_path = args.model_path or cde.LABELS[args.label].model
     args.results = results_dir(args.results_dir, args.model_path)
     found = {path: checkpoints(path, args.checkpoints) for path in args.policies}
     if not all(found.values()):
@@ -143,7 +143,7 @@ def main(argv=None):
     modes = {block_length: evaluate_mode(args, spec, block_length, passed)
              for block_length in map(int, args.block_lengths.split(","))}
     for block_length, results in modes.items():
-        print_mode(block_length, cde.LABELS[args.label]["gen_length"], results)
+        print_mode(block_length, cde.LABELS[args.label].gen_length, results)
     write_csv(args.out, [dict(block_length=block_length, configuration=name, metric=metric, **s)
                          for block_length, results in modes.items() for name, stats in results
                          for metric, s in stats.items()])

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import utils  # noqa: E402
+from demask import textmetrics  # noqa: E402
 import make_tiny_data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -163,7 +163,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    scorer = utils.load_scorer(utils.SMOLLM2_NAME, "cpu")
+    scorer = textmetrics.load_scorer(textmetrics.SMOLLM2_NAME, "cpu")
     model, tok = scorer.model.to(torch.bfloat16).eval(), scorer.tokenizer
     tok.padding_side = "left"
     users = prompts(args.docs, CORPUS_SEED)

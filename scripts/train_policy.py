@@ -17,7 +17,6 @@ scheduler, step); --resume continues from the latest. Runs on cuda when there is
 after `max_minutes` (if set) with a checkpoint of the step it reached.
 """
 import argparse
-import functools
 import json
 import math
 import os
@@ -29,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import custom_demask_eval as cde  # noqa: E402
-import models  # noqa: E402
-import policy  # noqa: E402
+from demask import REPO, policy  # noqa: E402
+from demask.core import judge_batch, left_pad, load_model  # noqa: E402
+from demask.settings import RunSettings  # noqa: E402
+from demask.tasks import TASKS, encode_prompt  # noqa: E402
 
 DEFAULTS = dict(model_path="models/tiny-llada", task="math", train_data="data/tiny_math_train.jsonl", gen_length=64,
                 block_length=64, temperature=0.0, policy_type="dit_confidence", policy_hidden_dim=128,
@@ -102,15 +102,13 @@ def rollout(cfg, lm, decoder, task, prompts):
     n, G = cfg["num_generations"], cfg["num_generations"] + cfg["expert_generations"]
     expert = torch.arange(G).repeat(len(prompts)) >= n
     samples = [s for s in prompts for _ in range(G)]
-    decoder.trace = []
-    decoder.expert_rows = expert.to(lm.device) if cfg["expert_generations"] else None
-    decoder.expert_threshold = cfg["expert_threshold"]
-    run_cfg = dict(gen_length=cfg["gen_length"], steps=cfg["gen_length"], block_length=cfg["block_length"])
-    input_ids, prompt_mask = cde.left_pad([s["prompt_ids"] for s in samples], lm.pad_id)
-    gens, counted, _ = cde.decode_rows(run_cfg, lm, decoder, input_ids, prompt_mask, [s["id"] for s in samples])
-    _, _, verdicts = cde.judge_batch(lm, task, samples, gens)
-    trace, decoder.trace, decoder.expert_rows = stack_trace(decoder.trace), None, None
-    return trace, torch.tensor(counted), torch.tensor([v["correct"] for v in verdicts]), expert
+    run = RunSettings(gen_length=cfg["gen_length"], steps=cfg["gen_length"], block_length=cfg["block_length"])
+    input_ids, prompt_mask = left_pad([s["prompt_ids"] for s in samples], lm.pad_id)
+    gens, counted, records = policy.rollout(run, lm, decoder, input_ids, prompt_mask, [s["id"] for s in samples],
+                                            expert.to(lm.device) if cfg["expert_generations"] else None,
+                                            cfg["expert_threshold"])
+    _, _, verdicts = judge_batch(lm, task, samples, gens)
+    return stack_trace(records), torch.tensor(counted), torch.tensor([v["correct"] for v in verdicts]), expert
 
 
 def stack_trace(records):
@@ -214,9 +212,7 @@ def load_frozen_model(cfg, device):
     rollout batch drops its finished rows forward by forward, and the harness's GPU forward would
     capture a CUDA graph for every new number of rows."""
     dtype = getattr(torch, cfg["model_dtype"]) if cfg["model_dtype"] else None
-    lm = cde.load_model(os.path.join(cde.REPO, cfg["model_path"]), device=device, dtype=dtype)
-    lm.forward = functools.partial(models.forward_logits, lm.net)
-    return lm
+    return load_model(os.path.join(REPO, cfg["model_path"]), device=device, dtype=dtype, graphed=False)
 
 
 def build(cfg, device):
@@ -233,7 +229,7 @@ def step_prompts(cfg, lm, data, step, rank, world):
     """This process's prompts of a step; seeds torch for the step's draws, so that a resumed run
     draws what the uninterrupted one would have."""
     seed = cfg["seed"] * 100003 + step * world + rank
-    prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in random.Random(seed).sample(data, cfg["prompts_per_step"])]
+    prompts = [dict(s, prompt_ids=encode_prompt(lm, s)) for s in random.Random(seed).sample(data, cfg["prompts_per_step"])]
     torch.manual_seed(seed)
     return prompts
 
@@ -279,16 +275,15 @@ def train(cfg, out, resume=False):
     started = time.time()
     rank, world, device = setup_distributed()
     lm = load_frozen_model(cfg, device)
-    task = cde.TASKS[cfg["task"]]()
-    data = task.load(dict(data=cfg["train_data"]))
+    task = TASKS[cfg["task"]]()
+    data = task.load(RunSettings(data=cfg["train_data"]))
     net, optimizer, scheduler = build(cfg, device)
     step = load_checkpoint(latest_checkpoint(out), net, optimizer, scheduler) if resume and latest_checkpoint(out) else 0
     # the STOP logit gets no gradient outside dpls
     model = torch.nn.parallel.DistributedDataParallel(net, find_unused_parameters=True) if world > 1 else net
     open_run(cfg, out, net, optimizer, scheduler, rank, world)
-    decoder = policy.PolicyDecoder(lm.mask_id, cfg["temperature"], policy_path=os.path.abspath(latest_checkpoint(out)),
-                                   sampling_mode=cfg["sampling_mode"], policy_temperature=cfg["policy_temperature"])
-    decoder.net = net  # rollouts use the network being trained
+    decoder = policy.PolicyDecoder.from_network(lm.mask_id, net, cfg["temperature"], sampling_mode=cfg["sampling_mode"],
+                                                policy_temperature=cfg["policy_temperature"])
     end, first, skipped, metrics = cfg["max_steps"], step, 0, {}
     bar = tqdm(total=end, initial=step, disable=rank != 0, desc="grpo")
     log = open(os.path.join(out, "metrics.jsonl"), "a") if rank == 0 else None

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import custom_demask_eval as cde  # noqa: E402
-import models  # noqa: E402
-import tasks  # noqa: E402
+from demask import networks  # noqa: E402
+from demask import tasks  # noqa: E402
 import make_tiny_data  # noqa: E402
 
 ROOT = cde.REPO
@@ -166,7 +166,7 @@ def diffusion_loss(net, x, prompt_len, answer_len, mask_id, eps=1e-3):
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
     tail = max(GEN_LENGTH.values())
     query = col[W - tail:].expand(B, -1)
-    logits = models.forward_logits(net, noisy, positions, key_mask[:, None, None, :], query)
+    logits = networks.forward_logits(net, noisy, positions, key_mask[:, None, None, :], query)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, -tail:], reduction="none")
     per_example = (ce * masked[:, -tail:] / t).sum(1) / answer_len
     return per_example.mean()
@@ -191,7 +191,7 @@ def main():
     torch.manual_seed(args.seed)
     random.seed(args.seed)
 
-    tokenizer = models.load_tokenizer(OUT, "llada")
+    tokenizer = networks.load_tokenizer(OUT, "llada")
     special = json.load(open(os.path.join(OUT, "special_ids.json")))
     config = model_config(special, args)
     data_start = time.time()
@@ -199,7 +199,7 @@ def main():
     x_all, prompt_all, answer_all, weight = pack(build_examples(tokenizer, special, args.math_problems), share,
                                                  special["eos_token_id"], args.device)
     print(f"{len(x_all)} examples of width {x_all.shape[1]} ready in {time.time() - data_start:.0f} s")
-    net = models.LLaDA(config).to(args.device)
+    net = networks.LLaDA(config).to(args.device)
     for name, w in net.named_parameters():
         torch.nn.init.normal_(w, std=0.02) if w.dim() > 1 else torch.nn.init.ones_(w)
     print(f"{sum(w.numel() for w in net.parameters()) / 1e6:.2f}M parameters")

@@ -42,7 +42,7 @@ def save_tokenizer(folder):
 def make_tiny_model(folder, family, seed=0):
     """A random-weight model in the real on-disk format of `family`, with a tokenizer."""
     from safetensors.torch import save_file
-    import models
+    from demask import networks
     os.makedirs(folder, exist_ok=True)
     n_tokens = save_tokenizer(folder)
     config = json.load(open(os.path.join(FIXTURES, f"{family}_tiny", "config.json")))
@@ -54,7 +54,7 @@ def make_tiny_model(folder, family, seed=0):
     config.update(mask_token_id=2, eos_token_id=1, pad_token_id=1)
     json.dump(config, open(os.path.join(folder, "config.json"), "w"))
     torch.manual_seed(seed)
-    net = models.MODEL_CLASSES[family](config)
+    net = networks.MODEL_CLASSES[family](config)
     state = {k: (1 + 0.1 * torch.randn_like(v)) if "norm" in k else 0.3 * torch.randn_like(v)
              for k, v in net.state_dict().items()}
     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(folder, "model.safetensors"))

@@ -12,8 +12,8 @@ from conftest import REPO
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import bench_e2e  # noqa: E402
 import custom_demask_eval as cde  # noqa: E402
-import models  # noqa: E402
-import tasks  # noqa: E402
+from demask import networks  # noqa: E402
+from demask import tasks  # noqa: E402
 
 LABELS = ["llada-math", "dream-math", "dream-humaneval"]
 
@@ -72,7 +72,7 @@ def test_checkpoint_is_sharded_per_its_index(tiny_run, family):
     assert config == bench_e2e.model_config(family, "tiny")
     index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
     with torch.device("meta"):
-        names = models.MODEL_CLASSES[family](config).state_dict()
+        names = networks.MODEL_CLASSES[family](config).state_dict()
     assert set(index["weight_map"]) == set(names)
     files = sorted(set(index["weight_map"].values()))
     assert len(files) == report["checkpoints"][family]["shards"] > 1
@@ -120,7 +120,7 @@ def test_shard_keys_are_contiguous_and_named_like_the_hub():
 
 def test_llada_stand_in_tokenizer(tmp_path):
     bench_e2e.llada_tokenizer().save_pretrained(tmp_path)
-    tok = models.load_tokenizer(str(tmp_path), "llada")
+    tok = networks.load_tokenizer(str(tmp_path), "llada")
     assert len(tok) == 126349
     ids = {"<|mdm_mask|>": 126336, "<|endoftext|>": 126081, "<|eot_id|>": 126348, "<|startoftext|>": 126080,
            "<|start_header_id|>": 126346, "<|end_header_id|>": 126347}

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
-import kvcache
+from demask import kvcache
+from demask.settings import RunSettings
 from conftest import REPO
 
 TINY = os.path.join(REPO, "models", "tiny-llada")
@@ -222,7 +223,7 @@ def test_cli_records_the_mode_and_keeps_runs_apart(tmp_path, capsys):
     assert len({c["fingerprint"] for c in configs.values()}) == 3 and len(set(runs.values())) == 3
     for mode, summary in summaries.items():
         notes = [d for d in summary["deviations_from_klass"] if d.startswith("--cache")]
-        assert notes == ([] if mode == "none" else [kvcache.deviations(configs[mode])[0]])
+        assert notes == ([] if mode == "none" else [kvcache.deviations(RunSettings.from_json(configs[mode]))[0]])
         assert summary["metrics"]["avg_steps"] == 64.0 == metrics[mode]["avg_steps"]  # 64 counted forwards each
         records = [json.loads(line) for line in open(runs[mode] / "samples.jsonl")]
         assert [r["steps"] for r in records] == [64] * 4 and [r["trace"]["forwards"] for r in records] == [64] * 4

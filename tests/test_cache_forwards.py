@@ -1,4 +1,4 @@
-"""The forwards of --cache as functions of tensors (models.refresh_forward, models.cached_forward):
+"""The forwards of --cache as functions of tensors (networks.refresh_forward, networks.cached_forward):
 against the exact forward, with compiled blocks (what a GPU runs, minus the CUDA graphs), and the
 input and output handling of GraphedForward with a CPU stand-in for the CUDA graph."""
 from functools import partial
@@ -9,8 +9,8 @@ import torch._dynamo.utils
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
-import kvcache
-import models
+from demask import kvcache
+from demask import networks
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
@@ -42,12 +42,12 @@ def windows(starts, width):
 @torch.no_grad()
 def test_refresh_forward_is_the_exact_forward_and_keeps_every_layer(net):
     x, positions, key_mask, query = inputs(3, 24)
-    logits, keys, values, hidden = models.refresh_forward(net, x, positions, key_mask, query)
-    assert torch.equal(logits, models.forward_logits(net, x, positions, key_mask, query))
+    logits, keys, values, hidden = networks.refresh_forward(net, x, positions, key_mask, query)
+    assert torch.equal(logits, networks.forward_logits(net, x, positions, key_mask, query))
     blocks = net.parts()[1]
     kv_heads = getattr(blocks[0], "self_attn", blocks[0]).n_kv_heads
     assert keys.shape == values.shape == (len(blocks), 3, kv_heads, 24, net.head_dim)
-    assert torch.equal(models.head_logits(net, hidden, query), logits)
+    assert torch.equal(networks.head_logits(net, hidden, query), logits)
 
 
 @torch.no_grad()
@@ -56,18 +56,18 @@ def test_cached_forward_of_rows_in_any_order(net):
     on the refresh's input the logits are the exact forward's; computing every position of a changed
     input gives its exact forward whatever the cache holds."""
     x, positions, key_mask, query = inputs(3, 24)
-    full, keys, values, hidden = models.refresh_forward(net, x, positions, key_mask, query)
-    cache = models.KVCache(3)
+    full, keys, values, hidden = networks.refresh_forward(net, x, positions, key_mask, query)
+    cache = networks.KVCache(3)
     cache.store(torch.tensor([0, 1, 2]), keys, values, hidden)
     rows, computed = torch.tensor([2, 0]), windows([(8, 16), (16, 8)], 16)
-    cached = models.cached_forward(net, x[rows], positions[rows], key_mask[rows], query[rows], cache.keys,
+    cached = networks.cached_forward(net, x[rows], positions[rows], key_mask[rows], query[rows], cache.keys,
                                    cache.values, cache.hidden, rows, computed)
     assert (cached - full[rows]).abs().max() < 1e-5
     other = torch.randint(10, 200, x.shape)
     everything = torch.arange(24).expand(2, -1)
-    cached = models.cached_forward(net, other[rows], positions[rows], key_mask[rows], query[rows], cache.keys,
+    cached = networks.cached_forward(net, other[rows], positions[rows], key_mask[rows], query[rows], cache.keys,
                                    cache.values, cache.hidden, rows, everything)
-    exact = models.forward_logits(net, other[rows], positions[rows], key_mask[rows], query[rows])
+    exact = networks.forward_logits(net, other[rows], positions[rows], key_mask[rows], query[rows])
     assert (cached - exact).abs().max() < 1e-5
 
 
@@ -81,20 +81,20 @@ def test_compiled_blocks_run_both_cache_forwards_and_match_eager(net):
     graphs = []
     for B, T in [(3, 24), (4, 40)]:
         x, positions, key_mask, query = inputs(B, T, seed=T)
-        eager = models.refresh_forward(net, x, positions, key_mask, query)
-        fast = models.refresh_forward(net, x, positions, key_mask, query, blocks=blocks)
+        eager = networks.refresh_forward(net, x, positions, key_mask, query)
+        fast = networks.refresh_forward(net, x, positions, key_mask, query, blocks=blocks)
         assert all(torch.allclose(a, b, atol=1e-3, rtol=1e-3) for a, b in zip(fast, eager))
         _, keys, values, hidden = eager
         rows, computed = torch.tensor([2, 0]), windows([(T - 12, 12), (T - 8, 8)], 12)
         x[:, T - 6] = 7  # a commit inside the windows
         args = x[rows], positions[rows], key_mask[rows], query[rows], keys, values, hidden, rows, computed
-        assert torch.allclose(models.cached_forward(net, *args, blocks=blocks), models.cached_forward(net, *args),
+        assert torch.allclose(networks.cached_forward(net, *args, blocks=blocks), networks.cached_forward(net, *args),
                               atol=1e-3, rtol=1e-3)
         graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     assert graphs[0] == graphs[1] == 2  # one graph without and one with a cache, for every shape
 
 
-class Replayed(models.GraphedForward):
+class Replayed(networks.GraphedForward):
     """GraphedForward with a CPU stand-in for the CUDA graph: a replay runs the forward on the
     captured inputs and writes into the captured outputs, as a graph replay does."""
 
@@ -114,28 +114,28 @@ class Replayed(models.GraphedForward):
 @torch.no_grad()
 def test_graphed_forwards_copy_inputs_in_read_the_cache_in_place_and_return_copies(net):
     x, positions, key_mask, query = inputs(3, 24)
-    refresh = Replayed(partial(models.refresh_forward, net))
+    refresh = Replayed(partial(networks.refresh_forward, net))
     first = refresh(x, positions, key_mask, query)
     flipped = x.flip(0), positions.flip(0), key_mask.flip(0), query
     second = refresh(*flipped)  # a replay on new values; what the first call returned stays
     assert refresh.captures == 1
-    assert all(torch.equal(a, b) for a, b in zip(first, models.refresh_forward(net, x, positions, key_mask, query)))
-    assert all(torch.equal(a, b) for a, b in zip(second, models.refresh_forward(net, *flipped)))
+    assert all(torch.equal(a, b) for a, b in zip(first, networks.refresh_forward(net, x, positions, key_mask, query)))
+    assert all(torch.equal(a, b) for a, b in zip(second, networks.refresh_forward(net, *flipped)))
 
-    rows, cache = torch.tensor([0, 1, 2]), models.KVCache(3)
+    rows, cache = torch.tensor([0, 1, 2]), networks.KVCache(3)
     cache.store(rows, *first[1:])
-    cached = Replayed(partial(models.cached_forward, net), keep=2, shared=(4, 5, 6))
+    cached = Replayed(partial(networks.cached_forward, net), keep=2, shared=(4, 5, 6))
 
     def both(cache, x, width=8):
         """The graphed and the plain cached forward of the `width` positions before the last 8."""
         args = (x, positions, key_mask, query, cache.keys, cache.values, cache.hidden, rows,
                 windows([(16 - width, width)] * 3, width))
-        return cached(*args), models.cached_forward(net, *args)
+        return cached(*args), networks.cached_forward(net, *args)
     assert torch.equal(*both(cache, x))
     cache.store(rows, *second[1:])  # the cache changed in place: the graph reads it there
     assert torch.equal(*both(cache, x))
     assert cached.captures == 1 and next(iter(cached.graphs.values()))[1][4] is cache.keys
-    other, changed = models.KVCache(3), x.clone()
+    other, changed = networks.KVCache(3), x.clone()
     other.store(rows, *first[1:])
     changed[:, 12] = 9
     assert torch.equal(*both(other, changed))  # another cache of the same shape is copied in
@@ -150,7 +150,7 @@ def test_batch_cache_with_the_gpu_forwards_sees_what_the_eager_one_does(lm, mode
     in place), Replayed standing in for the CUDA graphs, against the eager BatchCache: rows in
     different blocks refreshing alone, finishing early, some calls asking for some queries."""
     def gpu_like():
-        forwards = models.fast_forwards(lm.net)[1]()
+        forwards = networks.fast_forwards(lm.net)[1]()
         for forward in forwards:
             forward.__class__ = Replayed
         return forwards

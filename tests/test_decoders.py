@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
-import decoders
+from demask import decoders
+from demask.settings import RunSettings
 from conftest import REPO
 
 V, MASK = 8, 7  # scripted vocabulary: tokens 0..6, mask id 7
@@ -300,7 +301,7 @@ def tiny(tiny_llada):
 @pytest.mark.parametrize("name,args", CASES, ids=[f"{n}{'-' + '-'.join(a) if a else ''}" for n, a in CASES])
 def test_every_decoder_end_to_end_batch_of_3_with_left_padding(tiny, name, args):
     samples = [dict(id=f"s/{i}", prompt_ids=p) for i, p in enumerate([[0, 5, 6, 7, 8], [0, 11], [0, 12, 13]])]
-    cfg = dict(gen_length=16, steps=8, block_length=8, temperature=0.0, conf_threshold=0.3, kl_threshold=0.5,
+    cfg = RunSettings(gen_length=16, steps=8, block_length=8, temperature=0.0, conf_threshold=0.3, kl_threshold=0.5,
                history_length=2)
     if name == "remdm":
         args = dict(args, eta=0.3)
@@ -317,7 +318,7 @@ def test_every_decoder_end_to_end_batch_of_3_with_left_padding(tiny, name, args)
 @pytest.mark.parametrize("name", ["threshold", "eb_sampler", "remdm", "klass"])
 def test_dream_style_token_choice(tiny_dream, name):
     model = cde.load_model(tiny_dream, device="cpu")
-    cfg = dict(gen_length=8, steps=8, block_length=8, temperature=0.5, top_p=0.9)
+    cfg = RunSettings(gen_length=8, steps=8, block_length=8, temperature=0.5, top_p=0.9)
     decoder = cde.build_decoder(name, model.mask_id, cfg, {})
     gens, counted, _ = cde.decode_batch(cfg, model, decoder, [dict(id="a", prompt_ids=[0, 5]),
                                                               dict(id="b", prompt_ids=[0, 5, 6, 7])], seed=1)
@@ -327,7 +328,7 @@ def test_dream_style_token_choice(tiny_dream, name):
 def test_remasking_must_be_declared(tiny):
     class Undeclared(decoders.RemdmDecoder):
         remasks = False
-    cfg = dict(gen_length=8, steps=8, block_length=8)
+    cfg = RunSettings(gen_length=8, steps=8, block_length=8)
     with pytest.raises(cde.RuleViolation, match="committed tokens are final"):
         cde.decode_batch(cfg, tiny, Undeclared(tiny.mask_id, eta=1.0), [dict(id="a", prompt_ids=[0, 5])], seed=0)
     gens, counted, _ = cde.decode_batch(cfg, tiny, decoders.RemdmDecoder(tiny.mask_id, eta=1.0),
@@ -365,7 +366,7 @@ def test_top_p_without_full_sort_samples_the_same_nucleus(scale, monkeypatch):
 def test_dream_greedy_top_p_decoding_unchanged_by_the_partial_sort(tiny_dream, name, monkeypatch):
     """At temperature 0 the partial-sort top-p gives the generations and counts of the full sort."""
     model = cde.load_model(tiny_dream, device="cpu")
-    cfg = dict(gen_length=16, steps=16, block_length=8, temperature=0.0, top_p=0.95, conf_threshold=0.3,
+    cfg = RunSettings(gen_length=16, steps=16, block_length=8, temperature=0.0, top_p=0.95, conf_threshold=0.3,
                kl_threshold=0.5, history_length=2)
     samples = [dict(id="a", prompt_ids=[0, 5]), dict(id="b", prompt_ids=[0, 5, 6, 7])]
     runs = []

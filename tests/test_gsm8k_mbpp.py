@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
-import tasks
-import decoders
+from demask import tasks
+from demask import decoders
+from demask.settings import RunSettings
 import utils
 from conftest import REPO
 from test_decoders import MASK, per_position, trace
@@ -191,13 +192,13 @@ def test_dream_schedule_scores_follow_alg():
 def test_dream_schedule_end_to_end(request, family, alg):
     model = cde.load_model(request.getfixturevalue(f"tiny_{family}"), device="cpu")
     samples = [dict(id=f"s/{i}", prompt_ids=p) for i, p in enumerate([[0, 5, 6, 7, 8], [0, 11], [0, 12, 13]])]
-    for cfg in (dict(gen_length=16, steps=8, block_length=8, temperature=0.0),
-                dict(gen_length=8, steps=256, block_length=8, temperature=0.5, top_p=0.9)):
+    for cfg in (RunSettings(gen_length=16, steps=8, block_length=8, temperature=0.0),
+                RunSettings(gen_length=8, steps=256, block_length=8, temperature=0.5, top_p=0.9)):
         decoder = cde.build_decoder("dream_schedule", model.mask_id, cfg, {"alg": alg})
         gens, counted, reported = cde.decode_batch(cfg, model, decoder, samples, seed=0)  # rule checks inside
         assert reported == [max(counted)] * 3  # a batch reports its longest row
-        assert counted == [cfg["steps"]] * 3 if alg != "origin" else max(counted) <= cfg["steps"]
-        assert all(len(g) == cfg["gen_length"] and model.mask_id not in g for g in gens)
+        assert counted == [cfg.steps] * 3 if alg != "origin" else max(counted) <= cfg.steps
+        assert all(len(g) == cfg.gen_length and model.mask_id not in g for g in gens)
 
 
 def test_dream_schedule_registry_and_info():

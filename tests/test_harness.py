@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
-import decoders
+from demask import decoders
+from demask.settings import RunSettings
 from conftest import REPO
 
 SMALL = ["--gen_length", "16", "--steps", "16", "--block_length", "8"]
@@ -142,7 +143,7 @@ class Misbehaving(cde.TopKDecoder):
 def test_rule_breaks_name_rule_and_sample(tiny_llada, how, rule):
     model = cde.load_model(tiny_llada, device="cpu")
     batch = [dict(id="s/0", prompt_ids=[0, 5, 6]), dict(id="s/1", prompt_ids=[0, 9])]
-    cfg = dict(gen_length=8, steps=8, block_length=4)
+    cfg = RunSettings(gen_length=8, steps=8, block_length=4)
     with pytest.raises(cde.RuleViolation, match=rf"rule '{rule}' broken for sample s/\d"):
         cde.decode_batch(cfg, model, Misbehaving(model.mask_id, how), batch, seed=0)
 
@@ -152,7 +153,7 @@ def test_remasking_allowed_only_when_declared(tiny_llada):
     decoder = Misbehaving(model.mask_id, "rewrite")
     decoder.remasks = True
     batch = [dict(id="s/0", prompt_ids=[0, 5, 6])]
-    gens, counted, _ = cde.decode_batch(dict(gen_length=8, steps=8, block_length=8), model, decoder, batch, seed=0)
+    gens, counted, _ = cde.decode_batch(RunSettings(gen_length=8, steps=8, block_length=8), model, decoder, batch, seed=0)
     assert counted == [2] and gens[0][0] == 8
 
 
@@ -161,7 +162,7 @@ def test_batch_invariance_fp32(tiny_llada, decoder):
     """Greedy generations and per-row step counts are the same alone and in a left-padded batch."""
     model = cde.load_model(tiny_llada, device="cpu")
     samples = [dict(id=f"s/{i}", prompt_ids=p) for i, p in enumerate([[0, 5, 6, 7, 8, 9], [0, 11], [0, 12, 13, 14]])]
-    cfg = dict(gen_length=16, steps=8, block_length=8, temperature=0.0, conf_threshold=0.3, kl_threshold=0.5,
+    cfg = RunSettings(gen_length=16, steps=8, block_length=8, temperature=0.0, conf_threshold=0.3, kl_threshold=0.5,
                history_length=2)
     dec = cde.build_decoder(decoder, model.mask_id, cfg, {})
     alone = [cde.decode_batch(cfg, model, dec, [s], seed=0) for s in samples]

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import custom_demask_eval as cde
-import models
-import tasks
+from demask import networks
+from demask import tasks
 from conftest import FIXTURES
 
 
@@ -63,9 +63,9 @@ def test_real_checkpoint_names_and_shapes(folder, family):
     """Full-size model on the meta device: its state_dict has exactly the checkpoint's names."""
     path = os.path.join(FIXTURES, "model_files", folder)
     config = json.load(open(os.path.join(path, "config.json")))
-    assert models.model_family(config) == family
+    assert networks.model_family(config) == family
     with torch.device("meta"):
-        net = models.MODEL_CLASSES[family](config)
+        net = networks.MODEL_CLASSES[family](config)
     names = set(json.load(open(os.path.join(path, "model.safetensors.index.json")))["weight_map"])
     assert set(net.state_dict()) == names
     n_params = sum(p.numel() for p in net.parameters())
@@ -74,14 +74,14 @@ def test_real_checkpoint_names_and_shapes(folder, family):
 
 def test_dream_real_tokenizer_template_and_stop_ids():
     path = os.path.join(FIXTURES, "model_files", "dream-v0-instruct-7b")
-    tok = models.load_tokenizer(path, "dream")
+    tok = networks.load_tokenizer(path, "dream")
     ids = tasks.encode_chat(tok, [{"role": "system", "content": tasks.CODE_SYSTEM}, {"role": "user", "content": "x"}])
     text = tok.decode(ids)
     assert text == ("<|im_start|>system\nYou complete only Python code.<|im_end|>\n<|im_start|>user\nx<|im_end|>\n"
                     "<|im_start|>assistant\n")
     config = json.load(open(os.path.join(path, "config.json")))
     with torch.device("meta"):
-        net = models.Dream(config)
+        net = networks.Dream(config)
     model = cde.DiffusionLM(SimpleNamespace(net=net, family="dream", tokenizer=tok, config=config,
                                             device=torch.device("cpu"), dtype=torch.float32))
     assert model.stop_ids == [151643, 151645] and model.mask_id == 151666
@@ -94,7 +94,7 @@ def test_llada_real_template_renders_like_llada():
     import tempfile
     with tempfile.TemporaryDirectory() as d:
         save_tokenizer(d)
-        tok = models.load_tokenizer(d, "llada")
+        tok = networks.load_tokenizer(d, "llada")
         tok.chat_template = template
         ids = tasks.encode_chat(tok, [{"role": "user", "content": " hi "}])
         assert tok.decode(ids) == ("<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"

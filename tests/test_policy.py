@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
-import policy
+from demask import policy
+from demask.settings import RunSettings
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -105,7 +106,7 @@ def test_policy_decoder_under_the_rule_checks_on_the_bundled_model(tmp_path):
     policy.save_policy(policy.PolicyNet(policy.PolicyConfig()), str(tmp_path / "p"))
     lm = cde.load_model(cde.TINY, device="cpu")
     task = cde.TASKS["math"]()
-    cfg = dict(cde.LABELS["tiny-math"], block_length=32)
+    cfg = cde.LABELS["tiny-math"].replace(block_length=32)
     samples = task.load(cfg)[:3]
     for s in samples:
         s["prompt_ids"] = cde.encode_prompt(lm, s)
@@ -129,11 +130,12 @@ def step_rollouts(cfg, net, monkeypatch):
     """One step's rollouts on the bundled model, with the generations handed to the judge."""
     lm = train_policy.load_frozen_model(cfg, torch.device("cpu"))
     task = cde.TASKS["math"]()
-    prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in task.load(dict(data=cfg["train_data"]))[:3]]
-    decoder = policy.PolicyDecoder(lm.mask_id, policy_path="models/tiny-policy", sampling_mode=cfg["sampling_mode"],
-                                   policy_temperature=cfg["policy_temperature"])
-    decoder.net, judged, judge = net, [], cde.judge_batch
-    monkeypatch.setattr(cde, "judge_batch", lambda lm, task, batch, gens: judged.extend(gens) or judge(lm, task, batch, gens))
+    prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in task.load(RunSettings(data=cfg["train_data"]))[:3]]
+    decoder = policy.PolicyDecoder.from_network(lm.mask_id, net, sampling_mode=cfg["sampling_mode"],
+                                                policy_temperature=cfg["policy_temperature"])
+    judged, judge = [], train_policy.judge_batch
+    monkeypatch.setattr(train_policy, "judge_batch",
+                        lambda lm, task, batch, gens: judged.extend(gens) or judge(lm, task, batch, gens))
     return lm, prompts, train_policy.rollout(cfg, lm, decoder, task, prompts), judged
 
 
@@ -146,7 +148,7 @@ def test_a_steps_rollouts_are_one_batch_equal_to_one_row_decodes(tmp_path, monke
     lm, prompts, (trace, steps, correct, expert), judged = step_rollouts(cfg, policy.PolicyNet(policy.PolicyConfig()),
                                                                          monkeypatch)
     assert expert.tolist() == [False, False, True] * 3 and len(judged) == 9
-    run = dict(gen_length=16, steps=16, block_length=8)
+    run = RunSettings(gen_length=16, steps=16, block_length=8)
     for row, prompt in enumerate(s for s in prompts for _ in range(3)):
         name, args = ("threshold", dict(alg_threshold=0.9)) if expert[row] else ("left_to_right", {})
         gens, counted, _ = cde.decode_batch(run, lm, cde.build_decoder(name, lm.mask_id, run, args), [prompt], seed=0)

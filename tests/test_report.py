@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import custom_demask_eval as cde
-import report
+from demask import report
 from conftest import REPO
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "report_results")

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import sandbox
+from demask import sandbox
 from utils import check_code
 
 PRELUDE = '''import contextlib, os, shlex, signal, socket, sys

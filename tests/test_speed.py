@@ -10,7 +10,7 @@ import torch
 import torch._dynamo.utils
 
 import custom_demask_eval as cde
-import models
+from demask import networks
 from conftest import REPO
 
 BENCH = os.path.join(REPO, "scripts", "bench_throughput.py")
@@ -54,7 +54,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(tiny_llada):
     net = cde.load_model(tiny_llada, device="cpu").net
     blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
     assert len(blocks) > 1
-    compiled = partial(models.forward_logits, net, blocks=blocks)
+    compiled = partial(networks.forward_logits, net, blocks=blocks)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for B, T in [(2, 24), (3, 40)]:
@@ -64,7 +64,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(tiny_llada):
         positions = (key_mask[:, 0, 0].long().cumsum(1) - 1).clamp(min=0)
         query = torch.arange(T - 8, T).expand(B, -1)
         with torch.no_grad():
-            fast, eager = compiled(x, positions, key_mask, query), models.forward_logits(net, x, positions, key_mask, query)
+            fast, eager = compiled(x, positions, key_mask, query), networks.forward_logits(net, x, positions, key_mask, query)
         assert torch.allclose(fast, eager, atol=1e-4, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # all layers, both shapes
 

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
-import report_html
-import trajectories
+from demask import report_html
+from demask import trajectories
+from demask.settings import RunSettings
 from conftest import REPO
 
 MASK = -1  # in a script: re-mask the position
@@ -123,7 +124,7 @@ class Remasking(Scripted):
 RIGHT_TO_LEFT = [{3: 13}, {2: 12}, {1: 11}, {0: 10}]
 PAIRS = [{0: 10, 1: 11}, {2: 12, 3: 13}]
 AT_ONCE = [{0: 10, 1: 11, 2: 12, 3: 13}]
-CFG = dict(gen_length=4, steps=4, block_length=4)
+CFG = RunSettings(gen_length=4, steps=4, block_length=4)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,20 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
-import decoders
-import tasks
+from demask import decoders
+from demask import tasks
+from demask.settings import RunSettings
 from conftest import REPO
 
 SMALL = ["--gen_length", "8", "--steps", "8", "--block_length", "8"]
 
 
 def run_cli(*args, cwd=REPO, script=None, env=None):
+    """The command line; a `script` other than the repository's runs against the repository's
+    package and data (PYTHONPATH), as an edited copy of the entry script would."""
     script = script or os.path.join(REPO, "custom_demask_eval.py")
+    if os.path.dirname(script) != REPO:
+        env = dict(env or os.environ, PYTHONPATH=REPO)
     return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=600, cwd=cwd,
                           env=env)
 
@@ -31,8 +36,9 @@ def only_run(results, label):
     return run
 
 
-def copy_harness(folder, region=None):
-    """A copy of the harness in `folder` (libraries and data linked), the editable region replaced."""
+def edited_harness(folder, region=None):
+    """The entry script alone in `folder`, its editable region replaced (the package and data stay
+    the repository's: see run_cli)."""
     folder.mkdir(parents=True, exist_ok=True)
     source = open(os.path.join(REPO, "custom_demask_eval.py")).read()
     if region is not None:
@@ -40,10 +46,6 @@ def copy_harness(folder, region=None):
         _, tail = rest.split("# --- EDITABLE REGION END ---\n")
         source = head + "# --- EDITABLE REGION START ---\n" + region + "# --- EDITABLE REGION END ---\n" + tail
     (folder / "custom_demask_eval.py").write_text(source)
-    libraries = [name for name in os.listdir(REPO) if name.endswith(".py") and name != "custom_demask_eval.py"]
-    for name in libraries + ["data", "models"]:
-        if not (folder / name).exists():
-            os.symlink(os.path.join(REPO, name), folder / name)
     return str(folder / "custom_demask_eval.py")
 
 
@@ -71,24 +73,24 @@ def test_fingerprint_in_config_summary_and_directory_name(tmp_path, tiny_llada):
 
 
 def test_fingerprint_follows_code_and_arguments():
-    base = dict(cde.LABELS["tiny-math"], label="tiny-math", decoder="klass", decoder_args={})
+    base = cde.LABELS["tiny-math"].replace(decoder="klass")
     fp = cde.decoder_fingerprint(base)
-    assert cde.decoder_fingerprint(dict(base, decoder_args={"kl_threshold": 0.5})) != fp
-    assert cde.decoder_fingerprint(dict(base, decoder="default")) != fp
-    assert cde.decoder_fingerprint(dict(base, conf_threshold=0.5)) != fp
-    assert cde.decoder_fingerprint(dict(base, limit=3)) == fp  # not a decoder argument
+    assert cde.decoder_fingerprint(base.replace(decoder_args={"kl_threshold": 0.5})) != fp
+    assert cde.decoder_fingerprint(base.replace(decoder="default")) != fp
+    assert cde.decoder_fingerprint(base.replace(conf_threshold=0.5)) != fp
+    assert cde.decoder_fingerprint(base.replace(limit=3)) == fp  # not a decoder argument
 
 
 def test_edited_region_is_a_new_run_for_sweeps_resume_and_report(tmp_path, tiny_llada):
     results = tmp_path / "results"
     args = ["--label", "llada-math", "--model_path", tiny_llada, "--limit", "2", *SMALL, "--results_dir", str(results)]
-    first = copy_harness(tmp_path / "a")
+    first = edited_harness(tmp_path / "a")
     out = run_cli(*args, "--sweep", "default", script=first)
     assert out.returncode == 0, out.stderr
     (run_a,) = (results / "llada-math").iterdir()
 
     edited = shipped_region().replace("self.conf_threshold = conf_threshold", "self.conf_threshold = 2.0")
-    second = copy_harness(tmp_path / "b", edited)
+    second = edited_harness(tmp_path / "b", edited)
     out = run_cli(*args, "--sweep", "default", script=second)
     assert out.returncode == 0 and "is complete, skipped" not in out.stderr  # the edit is a new configuration
     assert len(list((results / "llada-math").iterdir())) == 2
@@ -115,7 +117,7 @@ def test_resume_refuses_other_settings(tmp_path, tiny_llada, flag):
 def test_default_and_klass_llada_give_identical_generations_and_counts():
     """The editable region ships KLASS: it must not drift from decoders.KlassDecoder (LLaDA variant)."""
     lm = cde.load_model(cde.TINY, device="cpu")
-    cfg = dict(cde.LABELS["tiny-math"])
+    cfg = cde.LABELS["tiny-math"]
     samples = tasks.MathTask().load(cfg)[:16]
     for s in samples:
         s["prompt_ids"] = tasks.encode_prompt(lm, s)
@@ -123,7 +125,7 @@ def test_default_and_klass_llada_give_identical_generations_and_counts():
     for name in ("default", "klass"):
         decoder = decoders.build_decoder(name, lm.mask_id, cfg, {})
         outputs.append(cde.decode_batch(cfg, lm, decoder, samples, seed=0)[:2])
-    assert outputs[0] == outputs[1] and max(outputs[0][1]) < cfg["steps"]
+    assert outputs[0] == outputs[1] and max(outputs[0][1]) < cfg.steps
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +159,7 @@ def test_no_arguments_prints_usage():
 
 
 def tiny_label(monkeypatch, name, task, data, **extra):
-    monkeypatch.setitem(cde.LABELS, name, dict(cde.LABELS["tiny-math"], task=task, data=str(data), **extra))
+    monkeypatch.setitem(cde.LABELS, name, cde.LABELS["tiny-math"].replace(task=task, data=str(data), **extra))
 
 
 @pytest.mark.parametrize("content,message", [
@@ -369,7 +371,7 @@ class Bypass(cde.TopKDecoder):
                                        ("forward", AttributeError), ("wide", cde.RuleViolation)])
 def test_decoder_cannot_bypass_counting_or_checks(tiny_llada, how, error):
     lm = cde.load_model(tiny_llada, device="cpu")
-    cfg = dict(gen_length=8, steps=8, block_length=4)
+    cfg = RunSettings(gen_length=8, steps=8, block_length=4)
     with pytest.raises(error, match="forward shape" if how == "wide" else None):
         cde.decode_batch(cfg, lm, Bypass(lm.mask_id, how), [dict(id="s/0", prompt_ids=[0, 5, 6])], seed=0)
 
@@ -391,7 +393,7 @@ class Guided(cde.TopKDecoder):
 
 def test_guidance_rows_are_counted_and_checked(tiny_llada):
     lm = cde.load_model(tiny_llada, device="cpu")
-    cfg = dict(gen_length=4, steps=4, block_length=4)
+    cfg = RunSettings(gen_length=4, steps=4, block_length=4)
     batch = [dict(id="s/0", prompt_ids=[0, 5, 6]), dict(id="s/1", prompt_ids=[0, 9])]
     decoder = Guided(lm.mask_id)
     decoder.batched = True
@@ -437,10 +439,10 @@ class DemaskDecoder:
 
 @pytest.mark.parametrize("label", ["tiny-math", "tiny-code", "tiny-text"])
 def test_batch_one_decoder_runs_on_every_tiny_label_with_its_default_batch(tmp_path, label):
-    script = copy_harness(tmp_path / "harness", ORIGINAL_HARNESS_DECODER)
+    script = edited_harness(tmp_path / "harness", ORIGINAL_HARNESS_DECODER)
     out = run_cli("--label", label, "--limit", "20", "--results_dir", str(tmp_path / "r"), script=script)
     assert out.returncode == 0, out.stderr[-2000:]
-    gen = cde.LABELS[label]["gen_length"]
+    gen = cde.LABELS[label].gen_length
     assert f"avg_steps_{label}: {gen}.0000" in out.stdout and f"n_samples_{label}: 20.0000" in out.stdout
     summary = json.load(open(only_run(tmp_path / "r", label) / "summary.json"))
     assert summary["config"]["batch_size"] == 16 and summary["config"]["decoder_info"]["batched"] is False
