@@ -5,12 +5,18 @@ one pareto_<label>.png per label, one order_<run>.png per shown run with a trace
 (report_html.py), in this order: collect the runs, the header, then per model and per kind of
 label (accuracy, text) the leaderboard, the Pareto sections, PBx/AUP tables and the order figures.
 """
+from __future__ import annotations
+
 import csv
+import dataclasses
+import functools
 import inspect
 import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -43,6 +49,49 @@ HEADER_NOTES = [
 # Runs
 
 
+@dataclass
+class ReportRun:
+    """One run directory as the report reads it (read_run), or the cell of one configuration over
+    several seeds (merge_seeds: means over the seeds' runs, `source` their newest run)."""
+    dir: str                        # relative to the results folder
+    root: str                       # as found under the results folder
+    label: str
+    decoder: str
+    model: str
+    cfg: dict
+    metrics: dict
+    order: dict                     # summary.json's decoding-order statistics
+    mtime: float
+    n: int                          # samples
+    avg_steps: float
+    fingerprint: str | None
+    family: str                     # decoder, and " +<mode> cache" for a cached run
+    kind: str                       # "accuracy" or "text"
+    metric: str
+    score: float | None             # the metric in %
+    scorer_lm: str | None           # text labels only
+    type: str                       # method type
+    rep_name: str | None            # representative parameter
+    rep: object                     # its value
+    params: dict
+    tokens_per_forward: float | None
+    pb_tps: float | None
+    score_std: float = 0.0
+    n_seeds: int = 1
+    source: ReportRun | None = field(default=None, repr=False)
+    order_png: str | None = None    # set by order_lines on the run whose trace the figure shows
+
+    @property
+    def shown(self):
+        """The run whose trace the order figure and report.html show: a cell's newest run, else itself."""
+        return self.source or self
+
+    @functools.cached_property
+    def traced_records(self):
+        """The records of samples.jsonl that have a trace, read once per run."""
+        return self.source.traced_records if self.source else trajectories.traced_samples(self.root)
+
+
 def collect_runs(results_dir, label_defaults, run_keys):
     """Every run directory under results_dir with a readable summary.json, and the unreadable ones."""
     runs, problems = [], []
@@ -59,27 +108,40 @@ def collect_runs(results_dir, label_defaults, run_keys):
 
 
 def read_run(results_dir, root, path, label_defaults, run_keys):
-    summary = json.load(open(path))
+    with open(path) as f:
+        summary = json.load(f)
     cfg, metrics = summary["config"], summary["metrics"]
-    run = dict(dir=os.path.relpath(root, results_dir), label=summary.get("label") or cfg["label"],
-               decoder=summary.get("decoder") or cfg["decoder"], cfg=cfg, metrics=metrics,
-               details=summary.get("details") or {}, mtime=os.path.getmtime(path),
-               avg_steps=float(metrics["avg_steps"]), n=int(metrics.get("n_samples", 0)),
-               fingerprint=cfg.get("fingerprint"), root=root, order=summary.get("order") or {})
-    cache = cfg.get("cache", "none")  # cached runs form their own family, never mixed with exact ones
-    run["family"] = run["decoder"] + (f" +{cache} cache" if cache != "none" else "")
-    run["kind"] = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
-    run["metric"] = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
-    value = metrics.get(run["metric"])
-    run["score"] = None if value is None else 100.0 * float(value)
-    run["model"] = str(cfg.get("model"))
-    scorer_lm = run["details"].get("scorer") if isinstance(run["details"].get("scorer"), str) else None
-    run["scorer_lm"] = (scorer_lm or cfg.get("scorer")) if run["kind"] == "text" else None
-    run["type"], run["rep_name"], run["rep"] = run_method(run)
-    run["params"] = run_params(run, label_defaults.get(run["label"], {}), run_keys)
-    run["tokens_per_forward"] = cfg["gen_length"] / run["avg_steps"] if run["avg_steps"] > 0 else None
-    run["pb_tps"] = cfg["gen_length"] / cfg["steps"] if run["type"] == "topk" else run["tokens_per_forward"]
-    return run
+    label, decoder = summary.get("label") or cfg["label"], summary.get("decoder") or cfg["decoder"]
+    details, avg_steps = summary.get("details") or {}, float(metrics["avg_steps"])
+    kind = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
+    metric = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
+    method_type, rep_name, rep = run_method(cfg, decoder)
+    tokens_per_forward = cfg["gen_length"] / avg_steps if avg_steps > 0 else None
+    return ReportRun(
+        dir=os.path.relpath(root, results_dir), root=root, label=label, decoder=decoder, model=str(cfg.get("model")),
+        cfg=cfg, metrics=metrics, order=summary.get("order") or {}, mtime=os.path.getmtime(path),
+        n=int(metrics.get("n_samples", 0)), avg_steps=avg_steps, fingerprint=cfg.get("fingerprint"),
+        family=run_family(decoder, cfg), kind=kind, metric=metric, score=percent(metrics.get(metric)),
+        scorer_lm=scorer_lm(cfg, details) if kind == "text" else None, type=method_type, rep_name=rep_name,
+        rep=rep, params=run_params(cfg, decoder, label_defaults.get(label, {}), run_keys),
+        tokens_per_forward=tokens_per_forward,
+        pb_tps=cfg["gen_length"] / cfg["steps"] if method_type == "topk" else tokens_per_forward)
+
+
+def run_family(decoder, cfg):
+    """The decoder; cached runs form their own family, never mixed with exact ones."""
+    cache = cfg.get("cache", "none")
+    return decoder + (f" +{cache} cache" if cache != "none" else "")
+
+
+def percent(value):
+    return None if value is None else 100.0 * float(value)
+
+
+def scorer_lm(cfg, details):
+    """The scorer LM a text run used: the one in its details (after a fallback), else the configured one."""
+    used = details.get("scorer")
+    return (used if isinstance(used, str) else None) or cfg.get("scorer")
 
 
 def constructor_default(cls, name):
@@ -90,9 +152,8 @@ def constructor_default(cls, name):
     return None if param is None or param.default is inspect.Parameter.empty else param.default
 
 
-def run_method(run):
+def run_method(cfg, name):
     """(method type, representative parameter, its value) from the registry, else from the run's record."""
-    cfg, name = run["cfg"], run["decoder"]
     recorded = cfg.get("decoder_info") or {}
     info = DECODERS.get(name)
     kind = info.method_type if info else recorded.get("method_type", "custom")
@@ -113,10 +174,9 @@ def run_method(run):
     return kind, rep, value
 
 
-def run_params(run, defaults, run_keys):
+def run_params(cfg, name, defaults, run_keys):
     """What distinguishes the run within its label: decoder_args and the run settings the method
     uses that differ from the label's defaults (seeds are not: runs of several seeds are one row)."""
-    cfg, name = run["cfg"], run["decoder"]
     keys = method_config_keys(name) if name in DECODERS else run_keys
     params = {k: cfg[k] for k in keys if k in run_keys and k not in ("model", "task", "data", "scorer")
               and k in cfg and k in defaults and cfg[k] != defaults[k]}
@@ -125,9 +185,9 @@ def run_params(run, defaults, run_keys):
 
 
 def run_position_score(run):
-    if run["decoder"] in DECODERS:
-        return method_position_score(run["decoder"], run["cfg"].get("decoder_args"))
-    return (run["cfg"].get("decoder_info") or {}).get("position_score")
+    if run.decoder in DECODERS:
+        return method_position_score(run.decoder, run.cfg.get("decoder_args"))
+    return (run.cfg.get("decoder_info") or {}).get("position_score")
 
 
 # ---------------------------------------------------------------------------
@@ -167,25 +227,24 @@ def sort_value(value):
 
 def row_key(run):
     """Runs in one leaderboard row share decoder, parameters, code fingerprint and (text) scorer LM."""
-    return run["family"], json.dumps(run["params"], sort_keys=True, default=str), run["fingerprint"], run["scorer_lm"]
+    return run.family, json.dumps(run.params, sort_keys=True, default=str), run.fingerprint, run.scorer_lm
 
 
 def row_sort(run):
-    return family_order(run["family"]) + (sort_value(run["rep"]), json.dumps(run["params"], default=str),
-                                           str(run["fingerprint"]))
+    return family_order(run.family) + (sort_value(run.rep), json.dumps(run.params, default=str), str(run.fingerprint))
 
 
 def row_name(run):
     """The decoder's name (and its --cache mode); rows of the editable decoder and of plugins carry
     their code hash."""
-    name = run["decoder"]
-    if run["fingerprint"] and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "demask.decoders"):
-        name += f" `{run['fingerprint'][:8]}`"
-    return name + run["family"][len(run["decoder"]):]
+    name = run.decoder
+    if run.fingerprint and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "demask.decoders"):
+        name += f" `{run.fingerprint[:8]}`"
+    return name + run.family[len(run.decoder):]
 
 
 def run_caption(run):
-    return f"{row_name(run)} {params_text(run['params'])}" if run["params"] else row_name(run)
+    return f"{row_name(run)} {params_text(run.params)}" if run.params else row_name(run)
 
 
 def choose_runs(runs):
@@ -193,11 +252,11 @@ def choose_runs(runs):
     several seeds their mean (`merge_seeds`); also how many runs each cell had."""
     by_seed, counts = {}, {}
     for run in runs:
-        k = (row_key(run), run["label"])
+        k = (row_key(run), run.label)
         counts[k] = counts.get(k, 0) + 1
         seeds = by_seed.setdefault(k, {})
-        seed = run["cfg"].get("seed")
-        if seed not in seeds or (run["n"], run["mtime"]) > (seeds[seed]["n"], seeds[seed]["mtime"]):
+        seed = run.cfg.get("seed")
+        if seed not in seeds or (run.n, run.mtime) > (seeds[seed].n, seeds[seed].mtime):
             seeds[seed] = run
     cells = {k: merge_seeds(list(seeds.values())) for k, seeds in by_seed.items()}
     rows = {}
@@ -208,41 +267,55 @@ def choose_runs(runs):
 
 
 def merge_seeds(runs):
-    """A cell from the runs of one configuration over seeds: score, avg_steps, metrics and TPS are
-    means; score_std is the sample standard deviation of the score (0 for one seed); `source` is
-    the newest run, whose trace the figures and report.html show."""
-    first = max(runs, key=lambda r: r["mtime"])
+    """A cell from the runs of one configuration over seeds: one run as it is; over several, score,
+    avg_steps, metrics and TPS are means, score_std is the sample standard deviation of the score
+    and `source` the newest run, whose trace the figures and report.html show."""
+    newest = max(runs, key=lambda r: r.mtime)
     if len(runs) == 1:
-        first.update(score_std=0.0, n_seeds=1, source=first)
-        return first
-    steps = float(np.mean([r["avg_steps"] for r in runs]))
-    scores = [r["score"] for r in runs if r["score"] is not None]
-    metrics = {m: float(np.mean([r["metrics"][m] for r in runs])) for m in first["metrics"]
-               if all(m in r["metrics"] for r in runs)}
-    order = {k: float(np.mean([r["order"][k] for r in runs])) for k in first["order"]
-             if all(isinstance(r["order"].get(k), (int, float)) for r in runs)}
-    return dict(first, score=float(np.mean(scores)) if scores else None, metrics=metrics, order=order,
-                score_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, avg_steps=steps,
-                tokens_per_forward=first["cfg"]["gen_length"] / steps,
-                pb_tps=float(np.mean([r["pb_tps"] for r in runs])),
-                n=min(r["n"] for r in runs), n_seeds=len(runs), source=first)
+        return newest
+    steps = float(np.mean([r.avg_steps for r in runs]))
+    scores = [r.score for r in runs if r.score is not None]
+    metrics = {m: float(np.mean([r.metrics[m] for r in runs])) for m in newest.metrics
+               if all(m in r.metrics for r in runs)}
+    order = {k: float(np.mean([r.order[k] for r in runs])) for k in newest.order
+             if all(isinstance(r.order.get(k), (int, float)) for r in runs)}
+    return dataclasses.replace(
+        newest, score=float(np.mean(scores)) if scores else None, metrics=metrics, order=order,
+        score_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, avg_steps=steps,
+        tokens_per_forward=newest.cfg["gen_length"] / steps, pb_tps=float(np.mean([r.pb_tps for r in runs])),
+        n=min(r.n for r in runs), n_seeds=len(runs), source=newest)
 
 
 # ---------------------------------------------------------------------------
 # Pareto fronts, PBx and AUP
 
 
+class ParetoPoint(NamedTuple):
+    """One configuration on a Pareto plot: avg_steps, score (%) ± its std over seeds, the family it
+    is drawn in and the text it is annotated with."""
+    steps: float
+    score: float
+    family: str
+    text: str
+    score_std: float = 0.0
+
+
+def as_point(p):
+    """A ParetoPoint from a tuple in its field order (scripts/eval_policy.py builds plain tuples)."""
+    return p if isinstance(p, ParetoPoint) else ParetoPoint(*p)
+
+
 def dominates(q, p):
-    """Points (steps, score, family, text[, score_std]): q has no more steps than p and q's score
-    minus its std is at least p's score plus its std, so points within each other's error bars
-    never dominate each other (with std 0 the plain rule)."""
-    return q[0] <= p[0] and q[1] - (q[4] if len(q) > 4 else 0.0) >= p[1] + (p[4] if len(p) > 4 else 0.0)
+    """q has no more steps than p and q's score minus its std is at least p's score plus its std,
+    so points within each other's error bars never dominate each other (with std 0 the plain rule)."""
+    q, p = as_point(q), as_point(p)
+    return q.steps <= p.steps and q.score - q.score_std >= p.score + p.score_std
 
 
 def pareto_front(points):
     """The points that no point before them (by steps ascending, then score descending) dominates,
     in that order: a tie of steps and score goes to the first."""
-    ordered = sorted(points, key=lambda p: (p[0], -p[1]))
+    ordered = sorted(map(as_point, points), key=lambda p: (p.steps, -p.score))
     return [p for i, p in enumerate(ordered) if not any(dominates(q, p) for q in ordered[:i])]
 
 
@@ -276,25 +349,25 @@ def pyplot():
 
 
 def plot_pareto(points, title, ylabel, path):
-    """points: (avg_steps, score, family, text, score_std) per configuration; error bars show ± std."""
+    """points: a ParetoPoint per configuration; error bars show ± std."""
     plt = pyplot()
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    families = sorted({p[2] for p in points}, key=family_order)
+    families = sorted({p.family for p in points}, key=family_order)
     for i, fam in enumerate(families):
-        mine = [p for p in points if p[2] == fam]
+        mine = [p for p in points if p.family == fam]
         color = plt.cm.tab10(i % 10)
-        ax.scatter([p[0] for p in mine], [p[1] for p in mine], s=26, label=fam, color=color,
+        ax.scatter([p.steps for p in mine], [p.score for p in mine], s=26, label=fam, color=color,
                    marker="os^Dv<>P"[i // 10 % 7])
-        spread = [p for p in mine if len(p) > 4 and p[4] > 0]
+        spread = [p for p in mine if p.score_std > 0]
         if spread:
-            ax.errorbar([p[0] for p in spread], [p[1] for p in spread], yerr=[p[4] for p in spread], fmt="none",
-                        ecolor=color, elinewidth=1, capsize=2)
+            ax.errorbar([p.steps for p in spread], [p.score for p in spread], yerr=[p.score_std for p in spread],
+                        fmt="none", ecolor=color, elinewidth=1, capsize=2)
     front = pareto_front(points)
-    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=1, label="Pareto front")
-    ax.scatter([p[0] for p in front], [p[1] for p in front], s=110, facecolors="none", edgecolors="k")
+    ax.plot([p.steps for p in front], [p.score for p in front], "k--", lw=1, label="Pareto front")
+    ax.scatter([p.steps for p in front], [p.score for p in front], s=110, facecolors="none", edgecolors="k")
     for p in front:
-        ax.annotate(p[3], (p[0], p[1]), textcoords="offset points", xytext=(4, 4), fontsize=6)
+        ax.annotate(p.text, (p.steps, p.score), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
     ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(ticks)
@@ -360,16 +433,16 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
     text = kind == "text"
     head = ["decoder", "type", "rep. param", "settings", "position score"] + (["scorer LM"] if text else [])
     for label in labels:
-        metric = next((r["metric"] for r in mine if r["label"] == label), "score")
+        metric = next((r.metric for r in mine if r.label == label), "score")
         shown = list(TEXT_METRICS) if text else [metric if metric != "accuracy" else "acc"]
         head += [f"{label} {m}" for m in shown] + [f"{label} {c}" for c in ("steps", "tok/step", "τ", "ρ", "n")]
     head.append("runs")
     lines = [f"### Leaderboard ({'text labels' if text else 'accuracy labels'})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for rk, first in sorted(rows.items(), key=lambda kv: row_sort(kv[1])):
-        rep = f"{first['rep_name']}={fmt_param(first['rep'])}" if first["rep_name"] else "—"
-        cols = [row_name(first), first["type"], rep, params_text(first["params"], skip=first["rep_name"]),
-                fmt_param(run_position_score(first))] + ([str(first["scorer_lm"])] if text else [])
+        rep = f"{first.rep_name}={fmt_param(first.rep)}" if first.rep_name else "—"
+        cols = [row_name(first), first.type, rep, params_text(first.params, skip=first.rep_name),
+                fmt_param(run_position_score(first))] + ([str(first.scorer_lm)] if text else [])
         for label in labels:
             cols += label_cells(cells.get((rk, label)), text)
         cols.append(str(sum(counts.get((rk, label), 0) for label in labels)))
@@ -381,14 +454,14 @@ def label_cells(run, text):
     if run is None:
         return ["—"] * ((len(TEXT_METRICS) if text else 1) + 5)
     if text:
-        values = [run["metrics"].get(m) for m in TEXT_METRICS]
+        values = [run.metrics.get(m) for m in TEXT_METRICS]
         values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
                   for m, v in zip(TEXT_METRICS, values)]
     else:
-        values = [score_text(run["score"], run["score_std"])]
-    order = [fmt(run["order"].get(k), 2) for k in ("kendall_tau", "spearman_rho")]
-    n = f"{run['n']}×{run['n_seeds']} seeds" if run["n_seeds"] > 1 else str(run["n"])
-    return values + [fmt(run["avg_steps"]), fmt(run["tokens_per_forward"], 2), *order, n]
+        values = [score_text(run.score, run.score_std)]
+    order = [fmt(run.order.get(k), 2) for k in ("kendall_tau", "spearman_rho")]
+    n = f"{run.n}×{run.n_seeds} seeds" if run.n_seeds > 1 else str(run.n)
+    return values + [fmt(run.avg_steps), fmt(run.tokens_per_forward, 2), *order, n]
 
 
 def score_text(score, std):
@@ -397,10 +470,10 @@ def score_text(score, std):
 
 def pareto_sections(kind, model, mine, runs, cells, out_dir):
     lines = []
-    for label, scorer_lm in sorted({(lab, r["scorer_lm"]) for (rk, lab), r in cells.items()},
+    for label, scorer_lm in sorted({(lab, r.scorer_lm) for (rk, lab), r in cells.items()},
                                    key=lambda t: (t[0], str(t[1]))):
-        pts = [r for (rk, lab), r in cells.items() if lab == label and r["scorer_lm"] == scorer_lm
-               and r["score"] is not None and r["avg_steps"] > 0]
+        pts = [r for (rk, lab), r in cells.items() if lab == label and r.scorer_lm == scorer_lm
+               and r.score is not None and r.avg_steps > 0]
         if pts:
             lines += pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir)
             if kind == "accuracy":
@@ -410,40 +483,40 @@ def pareto_sections(kind, model, mine, runs, cells, out_dir):
 
 def plot_name(label, scorer_lm, model, mine, runs):
     name = f"pareto_{slug(label)}"
-    if len({r["model"] for r in runs if r["label"] == label}) > 1:
+    if len({r.model for r in runs if r.label == label}) > 1:
         name += f"_{slug(os.path.basename(model.rstrip('/')))}"
-    if len({r["scorer_lm"] for r in mine if r["label"] == label}) > 1:
+    if len({r.scorer_lm for r in mine if r.label == label}) > 1:
         name += f"_{slug(scorer_lm)}"
     return name + ".png"
 
 
 def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
-    metric, short_model = pts[0]["metric"], os.path.basename(model.rstrip("/"))
+    metric, short_model = pts[0].metric, os.path.basename(model.rstrip("/"))
     name = plot_name(label, scorer_lm, model, mine, runs)
-    points = [(r["avg_steps"], r["score"], r["family"],
-               f"{row_name(r)} {params_text(r['params'])}" if r["params"] else row_name(r), r["score_std"]) for r in pts]
+    points = [ParetoPoint(r.avg_steps, r.score, r.family, run_caption(r), r.score_std) for r in pts]
     scored = f", scorer {scorer_lm}" if scorer_lm else ""
     plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
                 os.path.join(out_dir, name))
     front = pareto_front(points)
     return [f"### {label}{scored}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
-            "Front: " + "; ".join(f"{p[3]} ({score_text(p[1], p[4])} @ {fmt(p[0])} steps)" for p in front), ""]
+            "Front: " + "; ".join(f"{p.text} ({score_text(p.score, p.score_std)} @ {fmt(p.steps)} steps)"
+                                  for p in front), ""]
 
 
 def pbx_aup_lines(label, pts):
-    y_max = max(r["score"] for r in pts)
+    y_max = max(r.score for r in pts)
     by_family = {}
     for r in pts:
-        by_family.setdefault(r["family"], []).append(r)
+        by_family.setdefault(r.family, []).append(r)
     lines = [f"### {label}: PBx and AUP", "",
              "| decoder | configs | PB90 | PB80 | PB70 | PB60 | AUP |", "|---|---|---|---|---|---|---|"]
     for fam in sorted(by_family, key=family_order):
         group = by_family[fam]
-        pb = pb_scores([(r["score"], r["pb_tps"]) for r in group])
-        value, flagged = aup([(r["tokens_per_forward"], r["score"]) for r in group], y_max)
+        pb = pb_scores([(r.score, r.pb_tps) for r in group])
+        value, flagged = aup([(r.tokens_per_forward, r.score) for r in group], y_max)
         lines.append(f"| {fam} | {len(group)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) +
                      f" | {value:.2f}{'*' if flagged else ''} |")
-    pb = pb_scores([(r["score"], r["pb_tps"]) for r in pts])
+    pb = pb_scores([(r.score, r.pb_tps) for r in pts])
     return lines + [f"| all methods | {len(pts)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " | — |",
                     "", f"y_max = {y_max:.1f}.", ""]
 
@@ -451,8 +524,8 @@ def pbx_aup_lines(label, pts):
 def all_labels_pbx_lines(labels, rows, cells):
     """PBx over the mean score and TPS of the configurations run on every accuracy label."""
     complete = [rk for rk in rows if all((rk, label) in cells for label in labels)]
-    configs = [(float(np.mean([cells[(rk, lab)]["score"] for lab in labels])),
-                float(np.mean([cells[(rk, lab)]["pb_tps"] for lab in labels]))) for rk in complete]
+    configs = [(float(np.mean([cells[(rk, lab)].score for lab in labels])),
+                float(np.mean([cells[(rk, lab)].pb_tps for lab in labels]))) for rk in complete]
     if len(labels) < 2 or not configs:
         return []
     pb = pb_scores(configs)
@@ -463,14 +536,14 @@ def all_labels_pbx_lines(labels, rows, cells):
 
 
 def order_lines(kind, cells, out_dir):
-    """The order figure of every shown run that has a trace (its name is kept as run["order_png"])."""
+    """The order figure of every shown run that has a trace (its name is kept as the run's order_png)."""
     traced = []
-    for run in sorted(cells.values(), key=lambda r: (r["label"], row_sort(r))):
-        traces = [r["trace"] for r in trajectories.traced_samples(run["root"])]
+    for run in sorted(cells.values(), key=lambda r: (r.label, row_sort(r))):
+        traces = [r["trace"] for r in run.traced_records]
         if traces:
-            run["order_png"] = run["source"]["order_png"] = f"order_{slug(run['dir'])}.png"
-            title = f"{run['label']}: {run_caption(run).replace('`', '')} ({len(traces)} samples)"
-            plot_order(traces, title, os.path.join(out_dir, run["order_png"]))
+            run.shown.order_png = f"order_{slug(run.dir)}.png"
+            title = f"{run.label}: {run_caption(run).replace('`', '')} ({len(traces)} samples)"
+            plot_order(traces, title, os.path.join(out_dir, run.shown.order_png))
             traced.append(run)
     if not traced:
         return []
@@ -481,22 +554,21 @@ def order_lines(kind, cells, out_dir):
              "| label | decoder | settings | τ | ρ | tokens / forward | undone / sample | figure |",
              "|---|---|---|---|---|---|---|---|"]
     for run in traced:
-        o = run["order"]
-        lines.append(f"| {run['label']} | {row_name(run)} | {params_text(run['params'])} | "
+        o, png = run.order, run.shown.order_png
+        lines.append(f"| {run.label} | {row_name(run)} | {params_text(run.params)} | "
                      f"{fmt(o.get('kendall_tau'), 2)} | {fmt(o.get('spearman_rho'), 2)} | "
-                     f"{fmt(o.get('tokens_per_forward'), 2)} | {fmt(o.get('undone_per_sample'), 2)} | "
-                     f"[{run['order_png']}]({run['order_png']}) |")
+                     f"{fmt(o.get('tokens_per_forward'), 2)} | {fmt(o.get('undone_per_sample'), 2)} | [{png}]({png}) |")
     return lines + [""]
 
 
 def model_lines(model, runs, out_dir):
-    mine = [r for r in runs if r["model"] == model]
+    mine = [r for r in runs if r.model == model]
     lines = [f"## Model `{model}`", ""]
     for kind in ("accuracy", "text"):
-        labels = sorted({r["label"] for r in mine if r["kind"] == kind})
+        labels = sorted({r.label for r in mine if r.kind == kind})
         if not labels:
             continue
-        cells, counts, rows = choose_runs([r for r in mine if r["kind"] == kind])
+        cells, counts, rows = choose_runs([r for r in mine if r.kind == kind])
         lines += leaderboard_lines(kind, labels, mine, cells, counts, rows)
         lines += pareto_sections(kind, model, mine, runs, cells, out_dir)
         if kind == "accuracy":
@@ -506,14 +578,12 @@ def model_lines(model, runs, out_dir):
 
 
 def csv_rows(model, mine):
-    return [dict(model=model, label=r["label"], decoder=r["decoder"],
-                 method_type=r["type"], rep_param=r["rep_name"], rep_value=r["rep"],
-                 params=json.dumps(r["params"], default=str), scorer_lm=r["scorer_lm"], metric=r["metric"],
-                 score=r["score"], avg_steps=r["avg_steps"], tokens_per_step=r["tokens_per_forward"],
-                 tps=r["pb_tps"], n_samples=r["n"], kendall_tau=r["order"].get("kendall_tau"),
-                 spearman_rho=r["order"].get("spearman_rho"), run_dir=r["dir"], fingerprint=r["fingerprint"],
-                 cache=r["cfg"].get("cache", "none"))
-            for r in sorted(mine, key=lambda r: (r["label"], row_sort(r), r["dir"]))]
+    return [dict(model=model, label=r.label, decoder=r.decoder, method_type=r.type, rep_param=r.rep_name,
+                 rep_value=r.rep, params=json.dumps(r.params, default=str), scorer_lm=r.scorer_lm, metric=r.metric,
+                 score=r.score, avg_steps=r.avg_steps, tokens_per_step=r.tokens_per_forward, tps=r.pb_tps,
+                 n_samples=r.n, kendall_tau=r.order.get("kendall_tau"), spearman_rho=r.order.get("spearman_rho"),
+                 run_dir=r.dir, fingerprint=r.fingerprint, cache=r.cfg.get("cache", "none"))
+            for r in sorted(mine, key=lambda r: (r.label, row_sort(r), r.dir))]
 
 
 def write_report(results_dir, out, label_defaults, run_keys):
@@ -526,9 +596,9 @@ def write_report(results_dir, out, label_defaults, run_keys):
     out = out or os.path.join(results_dir, "report.md")
     out_dir = os.path.dirname(os.path.abspath(out))
     lines, rows = header_lines(results_dir, runs, problems), []
-    for model in sorted({r["model"] for r in runs}):
+    for model in sorted({r.model for r in runs}):
         lines += model_lines(model, runs, out_dir)
-        rows += csv_rows(model, [r for r in runs if r["model"] == model])
+        rows += csv_rows(model, [r for r in runs if r.model == model])
     with open(out, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")
     with open(os.path.splitext(out)[0] + ".csv", "w", newline="") as f:
@@ -541,6 +611,6 @@ def write_report(results_dir, out, label_defaults, run_keys):
 
 def replay_views(runs):
     """What report.html shows of each run with an order figure (the shown runs with a trace)."""
-    return [dict(label=r["label"], caption=run_caption(r), model=r["model"], figure=r["order_png"], order=r["order"],
-                 root=r["root"])
-            for r in sorted(runs, key=lambda r: (r["label"], row_sort(r))) if "order_png" in r]
+    return [dict(label=r.label, caption=run_caption(r), model=r.model, figure=r.order_png, order=r.order,
+                 records=r.traced_records)
+            for r in sorted(runs, key=lambda r: (r.label, row_sort(r))) if r.order_png]

@@ -80,10 +80,15 @@ def natural_key(text):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", str(text))]
 
 
-def replay_samples(run_dir):
-    """The first MAX_SAMPLES samples that have a trace, each its trace plus id, verdict and prompt."""
-    records = sorted(trajectories.traced_samples(run_dir), key=lambda r: natural_key(r["id"]))[:MAX_SAMPLES]
+def first_samples(records):
+    """The first MAX_SAMPLES of a run's traced records, each its trace plus id, verdict and prompt."""
+    records = sorted(records, key=lambda r: natural_key(r["id"]))[:MAX_SAMPLES]
     return [dict(r["trace"], id=r["id"], correct=r.get("correct"), prompt=r.get("prompt", "")) for r in records]
+
+
+def replay_samples(run_dir):
+    """first_samples of the run directory's samples.jsonl."""
+    return first_samples(trajectories.traced_samples(run_dir))
 
 
 def token_texts(model_path, ids):
@@ -105,8 +110,8 @@ def token_texts(model_path, ids):
 def replay_data(views):
     runs, used = [], {}
     for view in views:
-        samples = replay_samples(view["root"])
-        runs.append(dict({k: v for k, v in view.items() if k != "root"}, samples=samples))
+        samples = first_samples(view["records"])
+        runs.append(dict({k: v for k, v in view.items() if k != "records"}, samples=samples))
         ids = used.setdefault(view["model"], set())
         for s in samples:
             ids.update(s["tokens"], (u[1] for u in s["undone"]))
@@ -119,7 +124,7 @@ def replay_data(views):
 
 def write_html(path, lines, views):
     """views: per shown run with a trace: label, caption, model, figure (its order PNG), order
-    (summary.json's) and root (its directory)."""
+    (summary.json's) and records (its samples.jsonl records that have a trace)."""
     data = json.dumps(replay_data(views), separators=(",", ":")).replace("</", "<\\/")
     head, rest = PAGE.split("%REPORT%")
     middle, tail = rest.split("%DATA%")

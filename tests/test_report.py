@@ -1,7 +1,10 @@
 """Sweeps through the CLI (one model load, resume, skip) and the report from a fixture results folder."""
+import builtins
+import collections
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,8 +81,9 @@ def test_pbx_and_aup_definitions():
     assert not flagged and value == pytest.approx(3.2 * 92 + 0.5 * 1.8 * (92 * w(92) + 88 * w(88)))
     value, flagged = report.aup([(1, 95), (2, 93), (4, 85)], y_max=96)  # 85 < 95 - 5: dropped, flagged
     assert flagged and value == pytest.approx(95 + 0.5 * (95 * w(95) + 93 * w(93)))
-    assert report.pareto_front([(10, 50, "a"), (5, 40, "b"), (20, 50, "c"), (30, 60, "d")]) == (
-        [(5, 40, "b"), (10, 50, "a"), (30, 60, "d")])
+    a, b, c, d = (report.ParetoPoint(*p) for p in [(10, 50, "a", "a"), (5, 40, "b", "b"), (20, 50, "c", "c"),
+                                                   (30, 60, "d", "d")])
+    assert report.pareto_front([a, b, c, d]) == [b, a, d]
 
 
 def table_row(report, first_cells):
@@ -152,10 +156,14 @@ def test_report_needs_runs(tmp_path):
 
 
 def test_pareto_front_respects_error_bars():
-    points = [(10, 80, "a", "a", 2.0), (12, 79, "b", "b", 2.0), (14, 70, "c", "c", 1.0), (20, 90, "d", "d", 0.0)]
+    points = [report.ParetoPoint(*p) for p in [(10, 80, "a", "a", 2.0), (12, 79, "b", "b", 2.0),
+                                               (14, 70, "c", "c", 1.0), (20, 90, "d", "d", 0.0)]]
     front = report.pareto_front(points)
-    assert [p[2] for p in front] == ["a", "b", "d"]  # b is within a's error bars; c is not
-    assert [p[2] for p in report.pareto_front([p[:4] for p in points])] == ["a", "d"]
+    assert [p.family for p in front] == ["a", "b", "d"]  # b is within a's error bars; c is not
+    assert [p.family for p in report.pareto_front([p._replace(score_std=0.0) for p in points])] == ["a", "d"]
+    # scripts/eval_policy.py passes plain tuples in the fields' order
+    assert report.dominates((10, 80, "a", "a", 0.0), (12, 79, "b", "b", 0.0))
+    assert not report.dominates((10, 80, "a", "a", 2.0), (12, 79, "b", "b", 2.0))
 
 
 def test_seeds_run_aggregates_and_report_shows_error_bars(tmp_path, tiny_llada):
@@ -182,3 +190,49 @@ def test_seeds_run_aggregates_and_report_shows_error_bars(tmp_path, tiny_llada):
     board = (tmp_path / "report.md").read_text()
     row = next(line for line in board.splitlines() if line.startswith("| random |"))
     assert "2×2 seeds" in row and (" ± " in row or acc["std"] == 0)
+
+
+def write_traces(run_dir, n=3):
+    trace = dict(forwards=2, tokens=[5, 6, 7, 8], commit_step=[0, 0, 1, 1], confidence=[0.9] * 4, undone=[])
+    with open(run_dir / "samples.jsonl", "w") as f:
+        for i in range(n):
+            f.write(json.dumps(dict(id=f"s/{i}", prompt="p", correct=i % 2 == 0, trace=trace)) + "\n")
+
+
+def test_report_reads_each_samples_file_at_most_once(tmp_path, monkeypatch):
+    """The order figures and report.html both show a run's traces; its samples.jsonl is read once,
+    and only for the runs shown (a cell of two seeds: its newer run)."""
+    results = tmp_path / "results"
+    shutil.copytree(FIXTURE, results)
+    math_runs = results / "tiny-math"
+    os.utime(math_runs / "thr-0.9-partial" / "summary.json", (0, 0))
+    summary = json.load(open(math_runs / "klass" / "summary.json"))
+    summary["config"]["seed"] += 1
+    (math_runs / "klass-seed2").mkdir()
+    json.dump(summary, open(math_runs / "klass-seed2" / "summary.json", "w"))
+    os.utime(math_runs / "klass" / "summary.json", (1, 1))
+    for run in ("cg-k1", "cg-k2", "thr-0.9", "thr-0.9-partial", "klass", "klass-seed2"):
+        write_traces(math_runs / run)
+    write_traces(results / "tiny-code" / "cg-k1")
+
+    opened, real_open = collections.Counter(), builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if os.path.basename(str(file)) == "samples.jsonl":
+            opened[os.path.relpath(os.path.dirname(file), results)] += 1
+        return real_open(file, *args, **kwargs)
+    monkeypatch.setattr(builtins, "open", counting_open)
+    cde.main(["report", str(results)])
+    monkeypatch.undo()
+
+    shown = ["tiny-code/cg-k1", "tiny-math/cg-k1", "tiny-math/cg-k2", "tiny-math/klass-seed2", "tiny-math/thr-0.9"]
+    assert opened == collections.Counter(shown)
+    board = (results / "report.md").read_text()
+    klass = table_row(board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "—"])
+    assert klass[-2] == "200×2 seeds"
+    page = (results / "report.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="trace-data">(.*?)</script>', page, re.S)[1])
+    figures = [f"order_{run.replace('/', '_')}.png" for run in shown]
+    assert sorted(r["figure"] for r in data["runs"]) == figures
+    assert all(len(r["samples"]) == 3 and f"({r['figure']})" in board and (results / r["figure"]).exists()
+               for r in data["runs"])
