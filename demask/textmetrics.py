@@ -519,8 +519,7 @@ def _cached_features(scorer, texts, max_len, batch_size):
 # ---------------------------------------------------------------------------
 # The one call for a text run
 
-def text_metrics(scorer, records, batch_size=8, seeds=MAUVE_SEEDS, mauve_max_len=256,
-                 continuation_only_mauve=False):
+def text_metrics(scorer, records, batch_size=8, seeds=MAUVE_SEEDS, mauve_max_len=256):
     """All §10 metrics for a finished text run. `records`: dicts with "prefix", "reference",
     "continuation" (text after the prefix, special tokens already stripped).
 
@@ -534,8 +533,7 @@ def text_metrics(scorer, records, batch_size=8, seeds=MAUVE_SEEDS, mauve_max_len
         ids (the harness's `entropy_<label>`);
       rep2, H1, H2: means over samples on the first 224 GPT-2 ids (nats for H1/H2);
       n_samples, n_empty (continuations with no GPT-2 ids: skipped by gen_ppl, kept with value
-        0.0 in the means), n_short (< 224 ids), n_lt2_ids (< 2 ids, value 0.0 counted);
-      optionally mauve_cont / mauve_cont_std (R vs C only)."""
+        0.0 in the means), n_short (< 224 ids), n_lt2_ids (< 2 ids, value 0.0 counted)."""
     tok = gpt2_tokenizer()
     P = [r["prefix"] for r in records]
     R = [r["reference"] for r in records]
@@ -560,9 +558,4 @@ def text_metrics(scorer, records, batch_size=8, seeds=MAUVE_SEEDS, mauve_max_len
     m = mauve_stats(hp, hq, seeds)
     res.update({"mauve": m["mauve"], "mauve_std": m["mauve_std"], "mauve_per_seed": m["mauve_per_seed"],
                 "mauve_star": m["mauve_star"]})
-    if continuation_only_mauve:
-        cp, _ = _cached_features(scorer, R, mauve_max_len, batch_size)
-        cq, n_e = mauve_features_counted(scorer, C, mauve_max_len, batch_size)
-        mc = mauve_stats(cp, cq, seeds)
-        res.update({"mauve_cont": mc["mauve"], "mauve_cont_std": mc["mauve_std"]})
     return res

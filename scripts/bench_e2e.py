@@ -224,7 +224,7 @@ def label_family(label):
 
 
 def label_samples(label):
-    return cde.TASKS[cde.LABELS[label].task]().load(cde.LABELS[label])
+    return tasks.TASKS[cde.LABELS[label].task]().load(cde.LABELS[label])
 
 
 def run_files(results, label):
@@ -336,7 +336,7 @@ def bench_label(label, checkpoint, args):
     records = [json.loads(line) for line in open(files[0])]
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     cfg = summary["config"]
-    task = cde.TASKS[cfg["task"]]
+    task = tasks.TASKS[cfg["task"]]
     lengths = prompt_lengths(label, checkpoint)
     widths, _ = padded_widths(lengths, [r["id"] for r in records], cfg["batch_size"], cfg["gen_length"])
     _, full_widths = padded_widths(lengths, list(lengths), cfg["batch_size"], cfg["gen_length"])

@@ -34,10 +34,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import custom_demask_eval as cde  # noqa: E402
-from demask import kvcache  # noqa: E402
+from demask import REPO, core, decoders, kvcache, networks  # noqa: E402
 from demask.settings import RunSettings  # noqa: E402
-from demask import networks  # noqa: E402
 
 PEAK = 790e12
 CONFIGS = {  # the real checkpoints' config.json values that matter for the forward
@@ -50,7 +48,7 @@ CONFIGS = {  # the real checkpoints' config.json values that matter for the forw
 }
 
 
-class CountingLM(cde.DiffusionLM):
+class CountingLM(core.DiffusionLM):
     """DiffusionLM that also counts forward calls and their FLOPs (2 per multiply-add): `flops` is
     the useful work (each live row at its own length, as if alone), `padded_flops` what the kernels
     compute (left padding included), `attention_flops` the padded attention part."""
@@ -98,7 +96,7 @@ def build(shape, model_path, device):
 
 
 def prompt_lengths(family):
-    return json.load(open(os.path.join(cde.REPO, "data", "math500_prompt_lengths.json")))[family]
+    return json.load(open(os.path.join(REPO, "data", "math500_prompt_lengths.json")))[family]
 
 
 def random_prompts(model, lengths, seed):
@@ -133,22 +131,22 @@ def sync(device):
 def decode(model, batch, args, decoder):
     """A left-padded batch decoded as the CLI decodes it (rule checks and forward counts included);
     returns the generations and the forwards counted per row."""
-    ids, mask = cde.left_pad(batch, model.pad_id)
+    ids, mask = core.left_pad(batch, model.pad_id)
     run = RunSettings(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
                       cache=getattr(args, "cache", "none"))  # bench() sets args.cache per timed mode
-    generations, counted, _ = cde.decode_rows(run, model, decoder, ids, mask, list(range(len(batch))))
+    generations, counted, _ = core.decode_rows(run, model, decoder, ids, mask, list(range(len(batch))))
     return generations, counted
 
 
 def run(model, batch, args):
-    decoder = cde.TopKDecoder(model.mask_id, temperature=args.temperature, top_p=args.top_p, score="confidence")
+    decoder = decoders.TopKDecoder(model.mask_id, temperature=args.temperature, top_p=args.top_p, score="confidence")
     return sum(decode(model, batch, args, decoder)[1])
 
 
 def first_state(model, batch, args):
     """(x, key_mask, query) of a left-padded batch's first forward: the whole generation masked,
     the first block's positions queried."""
-    ids, mask = cde.left_pad(batch, model.pad_id)
+    ids, mask = core.left_pad(batch, model.pad_id)
     x = F.pad(ids, (0, args.gen_length), value=model.mask_id).to(model.device)
     key_mask = None if mask.all() else F.pad(mask, (0, args.gen_length), value=True).to(model.device)
     query = (ids.shape[1] + torch.arange(args.block_length, device=model.device)).expand(len(batch), -1)
@@ -171,7 +169,7 @@ def bare_forward_ms(model, batch, args, n=16):
 def invariance(model, family, n, batch_size, args):
     """Greedy KLASS (llada-math thresholds) on n prompts alone and in left-padded batches:
     the fraction of identical generations and the per-row forward counts."""
-    decoder = cde.DemaskDecoder(model.mask_id, conf_threshold=0.6, kl_threshold=0.01)
+    decoder = decoders.KlassDecoder(model.mask_id, conf_threshold=0.6, kl_threshold=0.01, variant="llada")
     samples = sorted(prompts(model, family, n, 1), key=len)
 
     alone = [decode(model, [p], args, decoder) for p in samples]

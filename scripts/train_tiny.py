@@ -34,12 +34,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import custom_demask_eval as cde  # noqa: E402
-from demask import networks  # noqa: E402
-from demask import tasks  # noqa: E402
+from demask import REPO, networks, tasks  # noqa: E402
 import make_tiny_data  # noqa: E402
 
-ROOT = cde.REPO
+ROOT = REPO
 OUT = os.path.join(ROOT, "models", "tiny-llada")
 GEN_LENGTH = {"math": 64, "code": 64, "text": 48, "raw": 64}
 TASK_SHARE = "math:0.6,code:0.18,text:0.13,raw:0.09"

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
+from demask import core, decoders
 from demask import kvcache
 from demask.settings import RunSettings
 from conftest import REPO
@@ -19,12 +20,12 @@ G, L = 16, 8
 
 @pytest.fixture(scope="module")
 def bundled():
-    return cde.load_model(TINY, device="cpu")
+    return core.load_model(TINY, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def dream(tiny_dream):
-    return cde.load_model(tiny_dream, device="cpu")
+    return core.load_model(tiny_dream, device="cpu")
 
 
 def one_layer(lm):
@@ -48,7 +49,7 @@ def restore(lm, blocks):
 
 def state(lm):
     """Three left-padded rows: row 0 is in block 1 (block 0 committed), rows 1 and 2 in block 0."""
-    ids, mask = cde.left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], lm.pad_id)
+    ids, mask = core.left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], lm.pad_id)
     x = F.pad(ids, (0, G), value=lm.mask_id)
     P = ids.shape[1]
     x[0, P:P + L] = torch.arange(30, 30 + L)
@@ -178,22 +179,22 @@ class Guided:
 
 
 def choosable_argmax(logits, model):
-    return cde.choosable(logits, model).argmax(-1)
+    return decoders.choosable(logits, model).argmax(-1)
 
 
 def test_guidance_rows_are_cached_and_counted_twice(bundled):
     lm = bundled
-    ids, mask = cde.left_pad([[5, 6, 7, 8], [9, 10]], lm.pad_id)
-    checker = cde.RuleChecker(["a", "b"], ids, G, G, L, lm.mask_id, lm.n_tokens, False)
+    ids, mask = core.left_pad([[5, 6, 7, 8], [9, 10]], lm.pad_id)
+    checker = core.RuleChecker(["a", "b"], ids, G, G, L, lm.mask_id, lm.n_tokens, False)
     nfe = torch.zeros(2, dtype=torch.long)
     cache = kvcache.BatchCache(lm, "dual", ids.shape[1], L)
-    model, widths = cde.batch_model(lm, mask, checker, nfe, cache=cache), []
+    model, widths = core.batch_model(lm, mask, checker, nfe, cache=cache), []
 
     def call(*args):
         out = model(*args)
         widths.append([c for _, c in cache.work])
         return out
-    x, used = Guided(lm.mask_id).decode(cde.DecoderModel(lm, call), ids, G, G, L)
+    x, used = Guided(lm.mask_id).decode(core.DecoderModel(lm, call), ids, G, G, L)
     checker.finish(x)
     assert used == G and nfe.tolist() == [2 * G, 2 * G]
     T = ids.shape[1] + G
@@ -309,7 +310,7 @@ def test_pasted_batch_one_decoder_runs_under_dual_cache(tmp_path, capsys):
     try:
         pasted = run(tmp_path, "--plugin", str(plugin), "--decoder", "pasted_generate", "--cache", "dual", "--limit", "3")
     finally:
-        cde.DECODERS.pop("pasted_generate", None)
+        decoders.DECODERS.pop("pasted_generate", None)
         cde.PLUGIN_FILES.pop("demask_plugin_pasted", None)
     greedy = run(tmp_path, "--decoder", "confidence_greedy", "--cache", "dual", "--batch_size", "1", "--limit", "3")
     assert pasted["avg_steps"] == greedy["avg_steps"] == 64.0

@@ -8,14 +8,14 @@ import torch
 import torch._dynamo.utils
 import torch.nn.functional as F
 
-import custom_demask_eval as cde
+from demask import core
 from demask import kvcache
 from demask import networks
 
 
 @pytest.fixture(scope="module", params=["llada", "dream"])
 def lm(request, tiny_llada, tiny_dream):
-    return cde.load_model(tiny_llada if request.param == "llada" else tiny_dream, device="cpu")
+    return core.load_model(tiny_llada if request.param == "llada" else tiny_dream, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_batch_cache_with_the_gpu_forwards_sees_what_the_eager_one_does(lm, mode
         for forward in forwards:
             forward.__class__ = Replayed
         return forwards
-    ids, mask = cde.left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], lm.pad_id)
+    ids, mask = core.left_pad([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 21, 22, 23, 24]], lm.pad_id)
     P, G, L = ids.shape[1], 24, 8
     runs = []
     for forwards in (lm.cache_forwards, gpu_like):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
+from demask import core
 from demask import decoders
 from demask.settings import RunSettings
 from conftest import REPO
@@ -64,7 +65,7 @@ def trace(decoder, script, gen_length, steps, block_length, prompt=(0, 1)):
 
 def make(name, **kwargs):
     settings = dict(temperature=0.0, conf_threshold=0.9, kl_threshold=0.01, history_length=2)
-    return cde.build_decoder(name, MASK, settings, kwargs)
+    return decoders.build_decoder(name, MASK, settings, kwargs)
 
 
 # ---------------------------------------------------------------- rules on scripted logits
@@ -218,7 +219,7 @@ def test_registry_entries():
                 "dus": "schedule", "prophet": "adaptive", "remdm": "remask"}
     for name, kind in expected.items():
         info = decoders.DECODERS[name]
-        assert info.method_type == kind and cde.DECODERS[name][0] is info.cls
+        assert info.method_type == kind and decoders.DECODERS[name][0] is info.cls
     assert decoders.DECODERS["default"].cls is cde.DemaskDecoder
     assert decoders.DECODERS["threshold"].representative_param == "alg_threshold"
     assert decoders.method_position_score("entropy_topk") == "neg_entropy"
@@ -226,9 +227,9 @@ def test_registry_entries():
     assert "steps" not in decoders.method_config_keys("threshold") and "alg_threshold" in decoders.method_config_keys("threshold")
     assert "steps" in decoders.method_config_keys("confidence_greedy")
     with pytest.raises(ValueError, match="already registered"):
-        cde.register_method("threshold", decoders.FactorDecoder, method_type="factor")
+        decoders.register_method("threshold", decoders.FactorDecoder, method_type="factor")
     with pytest.raises(ValueError, match="method_type"):
-        cde.register_method("x", cde.TopKDecoder, method_type="bogus")
+        decoders.register_method("x", decoders.TopKDecoder, method_type="bogus")
     with pytest.raises(ValueError, match="unknown score"):
         make("confidence_greedy", score="bogus")
 
@@ -265,7 +266,7 @@ def test_plugin_registers_a_decoder_for_the_cli(tmp_path, tiny_llada):
         cfg = json.load(open(run / "summary.json"))["config"]
         assert cfg["plugins"] == [str(plugin)] and cfg["decoder_info"]["method_type"] == "topk"
     finally:
-        cde.DECODERS.pop("right_to_left", None)
+        decoders.DECODERS.pop("right_to_left", None)
         cde.PLUGIN_FILES.pop("demask_plugin_my_decoders", None)
     # as a script the harness is __main__: the plugin's `import custom_demask_eval` must reach it
     out = subprocess.run([sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--plugin", str(plugin),
@@ -289,13 +290,13 @@ def test_bad_decoder_value_fails_before_loading(monkeypatch, capsys):
 # ---------------------------------------------------------------- end to end on a tiny random model
 
 STOCHASTIC = {"random", "remdm", "policy"}
-CASES = [(name, {}) for name in cde.DECODERS] + [("confidence_greedy", {"alg_temp": 0.5}),
+CASES = [(name, {}) for name in decoders.DECODERS] + [("confidence_greedy", {"alg_temp": 0.5}),
                                                  ("remdm", {"sigma": "conf"}), ("prophet", {"answer_start": 10})]
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llada):
-    return cde.load_model(tiny_llada, device="cpu")
+    return core.load_model(tiny_llada, device="cpu")
 
 
 @pytest.mark.parametrize("name,args", CASES, ids=[f"{n}{'-' + '-'.join(a) if a else ''}" for n, a in CASES])
@@ -305,22 +306,22 @@ def test_every_decoder_end_to_end_batch_of_3_with_left_padding(tiny, name, args)
                history_length=2)
     if name == "remdm":
         args = dict(args, eta=0.3)
-    decoder = cde.build_decoder(name, tiny.mask_id, cfg, args)
-    gens, counted, _ = cde.decode_batch(cfg, tiny, decoder, samples, seed=0)  # rule checks inside
+    decoder = decoders.build_decoder(name, tiny.mask_id, cfg, args)
+    gens, counted, _ = core.decode_batch(cfg, tiny, decoder, samples, seed=0)  # rule checks inside
     assert all(len(g) == 16 for g in gens)
     if name in STOCHASTIC or args.get("alg_temp"):
         return
-    alone = [cde.decode_batch(cfg, tiny, decoder, [s], seed=0) for s in samples]
+    alone = [core.decode_batch(cfg, tiny, decoder, [s], seed=0) for s in samples]
     assert gens == [a[0][0] for a in alone]
     assert counted == [a[1][0] for a in alone]
 
 
 @pytest.mark.parametrize("name", ["threshold", "eb_sampler", "remdm", "klass"])
 def test_dream_style_token_choice(tiny_dream, name):
-    model = cde.load_model(tiny_dream, device="cpu")
+    model = core.load_model(tiny_dream, device="cpu")
     cfg = RunSettings(gen_length=8, steps=8, block_length=8, temperature=0.5, top_p=0.9)
-    decoder = cde.build_decoder(name, model.mask_id, cfg, {})
-    gens, counted, _ = cde.decode_batch(cfg, model, decoder, [dict(id="a", prompt_ids=[0, 5]),
+    decoder = decoders.build_decoder(name, model.mask_id, cfg, {})
+    gens, counted, _ = core.decode_batch(cfg, model, decoder, [dict(id="a", prompt_ids=[0, 5]),
                                                               dict(id="b", prompt_ids=[0, 5, 6, 7])], seed=1)
     assert len(gens) == 2 and min(counted) >= 1
 
@@ -329,9 +330,9 @@ def test_remasking_must_be_declared(tiny):
     class Undeclared(decoders.RemdmDecoder):
         remasks = False
     cfg = RunSettings(gen_length=8, steps=8, block_length=8)
-    with pytest.raises(cde.RuleViolation, match="committed tokens are final"):
-        cde.decode_batch(cfg, tiny, Undeclared(tiny.mask_id, eta=1.0), [dict(id="a", prompt_ids=[0, 5])], seed=0)
-    gens, counted, _ = cde.decode_batch(cfg, tiny, decoders.RemdmDecoder(tiny.mask_id, eta=1.0),
+    with pytest.raises(core.RuleViolation, match="committed tokens are final"):
+        core.decode_batch(cfg, tiny, Undeclared(tiny.mask_id, eta=1.0), [dict(id="a", prompt_ids=[0, 5])], seed=0)
+    gens, counted, _ = core.decode_batch(cfg, tiny, decoders.RemdmDecoder(tiny.mask_id, eta=1.0),
                                         [dict(id="a", prompt_ids=[0, 5])], seed=0)
     assert counted[0] > 8 and tiny.mask_id not in gens[0]
 
@@ -365,13 +366,13 @@ def test_top_p_without_full_sort_samples_the_same_nucleus(scale, monkeypatch):
 @pytest.mark.parametrize("name", sorted(set(n for n, _ in CASES)))
 def test_dream_greedy_top_p_decoding_unchanged_by_the_partial_sort(tiny_dream, name, monkeypatch):
     """At temperature 0 the partial-sort top-p gives the generations and counts of the full sort."""
-    model = cde.load_model(tiny_dream, device="cpu")
+    model = core.load_model(tiny_dream, device="cpu")
     cfg = RunSettings(gen_length=16, steps=16, block_length=8, temperature=0.0, top_p=0.95, conf_threshold=0.3,
                kl_threshold=0.5, history_length=2)
     samples = [dict(id="a", prompt_ids=[0, 5]), dict(id="b", prompt_ids=[0, 5, 6, 7])]
     runs = []
     for top_p in (decoders.top_p_tokens, lambda s, p, sample: full_sort_top_p(s, p, sample)[:2]):
         monkeypatch.setattr(decoders, "top_p_tokens", top_p)
-        decoder = cde.build_decoder(name, model.mask_id, cfg, {"eta": 0.3} if name == "remdm" else {})
-        runs.append(cde.decode_batch(cfg, model, decoder, samples, seed=3))
+        decoder = decoders.build_decoder(name, model.mask_id, cfg, {"eta": 0.3} if name == "remdm" else {})
+        runs.append(core.decode_batch(cfg, model, decoder, samples, seed=3))
     assert runs[0] == runs[1]

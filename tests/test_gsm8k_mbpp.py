@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
+from demask import core
 from demask import tasks
 from demask import decoders
 from demask.settings import RunSettings
@@ -154,7 +155,7 @@ def test_dream_counts_by_hand():
 @pytest.mark.parametrize("block,expected", [(8, [1, 2, 2, 3]), (4, [1, 3, 1, 3])])
 def test_dream_schedule_commits_the_counts_by_confidence(block, expected):
     conf = [0.5, 0.9, 0.3, 0.8, 0.6, 0.7, 0.4, 0.95]
-    decoder = cde.build_decoder("dream_schedule", MASK, dict(temperature=0.0), {})
+    decoder = decoders.build_decoder("dream_schedule", MASK, dict(temperature=0.0), {})
     commits, _, _ = trace(decoder, per_position(conf), 8, 4, block)
     assert [len(c) for c in commits] == expected
     if block == 8:
@@ -162,11 +163,11 @@ def test_dream_schedule_commits_the_counts_by_confidence(block, expected):
 
 
 def test_dream_schedule_empty_step_and_origin_with_scripted_logits():
-    decoder = cde.build_decoder("dream_schedule", MASK, {}, {})
+    decoder = decoders.build_decoder("dream_schedule", MASK, {}, {})
     commits, _, _ = trace(decoder, per_position([0.9] * 4), 4, 8, 4)  # int(4 * 0.1249) = 0, ...: five empty steps
     assert [len(c) for c in commits] == decoders.dream_counts(4, 8) == [0, 0, 0, 0, 0, 1, 1, 2]
     torch.manual_seed(0)
-    origin = cde.build_decoder("dream_schedule", MASK, {}, {"alg": "origin"})
+    origin = decoders.build_decoder("dream_schedule", MASK, {}, {"alg": "origin"})
     commits, _, _ = trace(origin, per_position([0.9] * 16), 16, 4, 16)
     assert len(commits) == 4 and sum(map(len, commits)) == 16
 
@@ -190,12 +191,12 @@ def test_dream_schedule_scores_follow_alg():
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("alg", list(decoders.DREAM_ALGS))
 def test_dream_schedule_end_to_end(request, family, alg):
-    model = cde.load_model(request.getfixturevalue(f"tiny_{family}"), device="cpu")
+    model = core.load_model(request.getfixturevalue(f"tiny_{family}"), device="cpu")
     samples = [dict(id=f"s/{i}", prompt_ids=p) for i, p in enumerate([[0, 5, 6, 7, 8], [0, 11], [0, 12, 13]])]
     for cfg in (RunSettings(gen_length=16, steps=8, block_length=8, temperature=0.0),
                 RunSettings(gen_length=8, steps=256, block_length=8, temperature=0.5, top_p=0.9)):
-        decoder = cde.build_decoder("dream_schedule", model.mask_id, cfg, {"alg": alg})
-        gens, counted, reported = cde.decode_batch(cfg, model, decoder, samples, seed=0)  # rule checks inside
+        decoder = decoders.build_decoder("dream_schedule", model.mask_id, cfg, {"alg": alg})
+        gens, counted, reported = core.decode_batch(cfg, model, decoder, samples, seed=0)  # rule checks inside
         assert reported == [max(counted)] * 3  # a batch reports its longest row
         assert counted == [cfg.steps] * 3 if alg != "origin" else max(counted) <= cfg.steps
         assert all(len(g) == cfg.gen_length and model.mask_id not in g for g in gens)
@@ -204,11 +205,11 @@ def test_dream_schedule_end_to_end(request, family, alg):
 def test_dream_schedule_registry_and_info():
     info = decoders.DECODERS["dream_schedule"]
     assert info.method_type == "schedule" and "steps" in decoders.method_config_keys("dream_schedule")
-    decoder = cde.build_decoder("dream_schedule", 0, {}, {"alg": "entropy"})
+    decoder = decoders.build_decoder("dream_schedule", 0, {}, {"alg": "entropy"})
     assert decoder.info(256, 256, 256) == dict(alg="entropy", eps=1e-3, position_score="neg_entropy", empty_steps=1,
                                                last_step_commits=2)
     with pytest.raises(ValueError, match="dream_schedule alg"):
-        cde.build_decoder("dream_schedule", 0, {}, {"alg": "klass"})
+        decoders.build_decoder("dream_schedule", 0, {}, {"alg": "klass"})
 
 # ---------------------------------------------------------------- Dream-style proposals renormalise
 

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
+from demask import core
 from demask import decoders
 from demask.settings import RunSettings
 from conftest import REPO
@@ -20,12 +21,12 @@ SMALL = ["--gen_length", "16", "--steps", "16", "--block_length", "8"]
 def test_schedule_edge_cases():
     mask = torch.zeros(3, 10, dtype=torch.bool)
     mask[0, :10], mask[1, :7], mask[2, :3] = True, True, True
-    k = cde.get_num_transfer_tokens(mask, 4)
+    k = decoders.get_num_transfer_tokens(mask, 4)
     assert k.tolist() == [[3, 3, 2, 2], [2, 2, 2, 1], [1, 1, 1, 0]]
     assert k.dtype == torch.long and k.shape == (3, 4)
-    many = cde.get_num_transfer_tokens(mask[2:], 8)  # more steps than tokens
+    many = decoders.get_num_transfer_tokens(mask[2:], 8)  # more steps than tokens
     assert many.tolist() == [[1, 1, 1, 0, 0, 0, 0, 0]]
-    assert cde.get_num_transfer_tokens(torch.ones(1, 64, dtype=torch.bool), 64).tolist() == [[1] * 64]
+    assert decoders.get_num_transfer_tokens(torch.ones(1, 64, dtype=torch.bool), 64).tolist() == [[1] * 64]
 
 
 def run_cli(tmp_path, *args):
@@ -83,7 +84,7 @@ def test_bad_cli_exits_2_before_loading(monkeypatch, capsys, args, message):
     assert len(err.splitlines()) == 1 and message in err
 
 
-class DoubleCallDecoder(cde.TopKDecoder):
+class DoubleCallDecoder(decoders.TopKDecoder):
     """Calls the model twice per step and reports only one step per step."""
 
     def decode(self, model, input_ids, gen_length, steps, block_length):
@@ -103,7 +104,7 @@ class DoubleCallDecoder(cde.TopKDecoder):
 
 
 def test_counted_steps_do_not_trust_the_decoder(tmp_path, tiny_llada, monkeypatch, capsys):
-    monkeypatch.setitem(cde.DECODERS, "double", decoders.MethodInfo(DoubleCallDecoder, {}))
+    monkeypatch.setitem(decoders.DECODERS, "double", decoders.MethodInfo(DoubleCallDecoder, {}))
     metrics = cde.main(["--label", "llada-math", "--model_path", tiny_llada, "--limit", "3", "--decoder", "double",
                         "--results_dir", str(tmp_path), *SMALL])
     assert metrics["avg_steps"] == 32.0
@@ -113,7 +114,7 @@ def test_counted_steps_do_not_trust_the_decoder(tmp_path, tiny_llada, monkeypatc
     assert "decoder reported 16 steps but 32 forwards were counted" in capsys.readouterr().err
 
 
-class Misbehaving(cde.TopKDecoder):
+class Misbehaving(decoders.TopKDecoder):
     def __init__(self, mask_id, how):
         super().__init__(mask_id)
         self.how = how
@@ -141,32 +142,32 @@ class Misbehaving(cde.TopKDecoder):
                                       ("order", "blocks in order"), ("masks left", "no mask left"),
                                       ("rewrite", "committed tokens are final")])
 def test_rule_breaks_name_rule_and_sample(tiny_llada, how, rule):
-    model = cde.load_model(tiny_llada, device="cpu")
+    model = core.load_model(tiny_llada, device="cpu")
     batch = [dict(id="s/0", prompt_ids=[0, 5, 6]), dict(id="s/1", prompt_ids=[0, 9])]
     cfg = RunSettings(gen_length=8, steps=8, block_length=4)
-    with pytest.raises(cde.RuleViolation, match=rf"rule '{rule}' broken for sample s/\d"):
-        cde.decode_batch(cfg, model, Misbehaving(model.mask_id, how), batch, seed=0)
+    with pytest.raises(core.RuleViolation, match=rf"rule '{rule}' broken for sample s/\d"):
+        core.decode_batch(cfg, model, Misbehaving(model.mask_id, how), batch, seed=0)
 
 
 def test_remasking_allowed_only_when_declared(tiny_llada):
-    model = cde.load_model(tiny_llada, device="cpu")
+    model = core.load_model(tiny_llada, device="cpu")
     decoder = Misbehaving(model.mask_id, "rewrite")
     decoder.remasks = True
     batch = [dict(id="s/0", prompt_ids=[0, 5, 6])]
-    gens, counted, _ = cde.decode_batch(RunSettings(gen_length=8, steps=8, block_length=8), model, decoder, batch, seed=0)
+    gens, counted, _ = core.decode_batch(RunSettings(gen_length=8, steps=8, block_length=8), model, decoder, batch, seed=0)
     assert counted == [2] and gens[0][0] == 8
 
 
 @pytest.mark.parametrize("decoder", ["default", "confidence_greedy", "topk_margin", "klass"])
 def test_batch_invariance_fp32(tiny_llada, decoder):
     """Greedy generations and per-row step counts are the same alone and in a left-padded batch."""
-    model = cde.load_model(tiny_llada, device="cpu")
+    model = core.load_model(tiny_llada, device="cpu")
     samples = [dict(id=f"s/{i}", prompt_ids=p) for i, p in enumerate([[0, 5, 6, 7, 8, 9], [0, 11], [0, 12, 13, 14]])]
     cfg = RunSettings(gen_length=16, steps=8, block_length=8, temperature=0.0, conf_threshold=0.3, kl_threshold=0.5,
                history_length=2)
-    dec = cde.build_decoder(decoder, model.mask_id, cfg, {})
-    alone = [cde.decode_batch(cfg, model, dec, [s], seed=0) for s in samples]
-    gens, counted, _ = cde.decode_batch(cfg, model, dec, samples, seed=0)
+    dec = decoders.build_decoder(decoder, model.mask_id, cfg, {})
+    alone = [core.decode_batch(cfg, model, dec, [s], seed=0) for s in samples]
+    gens, counted, _ = core.decode_batch(cfg, model, dec, samples, seed=0)
     assert gens == [a[0][0] for a in alone]
     assert counted == [a[1][0] for a in alone]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import custom_demask_eval as cde
+from demask import core
 from demask import networks
 from demask import tasks
 from conftest import FIXTURES
@@ -15,7 +15,7 @@ from conftest import FIXTURES
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_golden_logits(family):
-    model = cde.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
+    model = core.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
     cases = load_file(os.path.join(FIXTURES, f"{family}_tiny", "cases.safetensors"))
     suffix = "logits_shifted" if family == "dream" else "logits"
     a = model(cases["a.input_ids"]).logits
@@ -38,7 +38,7 @@ def test_golden_logits(family):
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_query_rows_equal_full_rows(family):
-    model = cde.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
+    model = core.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
     x = load_file(os.path.join(FIXTURES, f"{family}_tiny", "cases.safetensors"))["a.input_ids"]
     full = model(x).logits
     query = torch.tensor([[3, 7, 20], [0, 1, 23]])
@@ -48,7 +48,7 @@ def test_query_rows_equal_full_rows(family):
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 def test_left_padding_does_not_change_real_logits(family):
-    model = cde.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
+    model = core.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
     x = load_file(os.path.join(FIXTURES, f"{family}_tiny", "cases.safetensors"))["a.input_ids"][:1, :18]
     alone = model(x).logits
     padded = torch.cat([torch.full((1, 6), model.pad_id), x], dim=1)
@@ -82,7 +82,7 @@ def test_dream_real_tokenizer_template_and_stop_ids():
     config = json.load(open(os.path.join(path, "config.json")))
     with torch.device("meta"):
         net = networks.Dream(config)
-    model = cde.DiffusionLM(SimpleNamespace(net=net, family="dream", tokenizer=tok, config=config,
+    model = core.DiffusionLM(SimpleNamespace(net=net, family="dream", tokenizer=tok, config=config,
                                             device=torch.device("cpu"), dtype=torch.float32))
     assert model.stop_ids == [151643, 151645] and model.mask_id == 151666
 

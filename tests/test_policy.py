@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import custom_demask_eval as cde
+from demask import core, decoders, tasks
 from demask import policy
 from demask.settings import RunSettings
 from conftest import REPO
@@ -104,15 +105,15 @@ def test_both_reward_forms():
 def test_policy_decoder_under_the_rule_checks_on_the_bundled_model(tmp_path):
     torch.manual_seed(0)
     policy.save_policy(policy.PolicyNet(policy.PolicyConfig()), str(tmp_path / "p"))
-    lm = cde.load_model(cde.TINY, device="cpu")
-    task = cde.TASKS["math"]()
+    lm = core.load_model(cde.TINY, device="cpu")
+    task = tasks.TASKS["math"]()
     cfg = cde.LABELS["tiny-math"].replace(block_length=32)
     samples = task.load(cfg)[:3]
     for s in samples:
-        s["prompt_ids"] = cde.encode_prompt(lm, s)
+        s["prompt_ids"] = tasks.encode_prompt(lm, s)
     for mode in policy.SAMPLING_MODES:
-        decoder = cde.build_decoder("policy", lm.mask_id, cfg, dict(policy_path=str(tmp_path / "p"), sampling_mode=mode))
-        gens, counted, _ = cde.decode_batch(cfg, lm, decoder, samples, seed=0)  # rule checks inside
+        decoder = decoders.build_decoder("policy", lm.mask_id, cfg, dict(policy_path=str(tmp_path / "p"), sampling_mode=mode))
+        gens, counted, _ = core.decode_batch(cfg, lm, decoder, samples, seed=0)  # rule checks inside
         assert all(len(g) == 64 for g in gens) and all(c >= 2 for c in counted)
 
 
@@ -129,8 +130,8 @@ def test_save_load_round_trip(tmp_path):
 def step_rollouts(cfg, net, monkeypatch):
     """One step's rollouts on the bundled model, with the generations handed to the judge."""
     lm = train_policy.load_frozen_model(cfg, torch.device("cpu"))
-    task = cde.TASKS["math"]()
-    prompts = [dict(s, prompt_ids=cde.encode_prompt(lm, s)) for s in task.load(RunSettings(data=cfg["train_data"]))[:3]]
+    task = tasks.TASKS["math"]()
+    prompts = [dict(s, prompt_ids=tasks.encode_prompt(lm, s)) for s in task.load(RunSettings(data=cfg["train_data"]))[:3]]
     decoder = policy.PolicyDecoder.from_network(lm.mask_id, net, sampling_mode=cfg["sampling_mode"],
                                                 policy_temperature=cfg["policy_temperature"])
     judged, judge = [], train_policy.judge_batch
@@ -151,7 +152,7 @@ def test_a_steps_rollouts_are_one_batch_equal_to_one_row_decodes(tmp_path, monke
     run = RunSettings(gen_length=16, steps=16, block_length=8)
     for row, prompt in enumerate(s for s in prompts for _ in range(3)):
         name, args = ("threshold", dict(alg_threshold=0.9)) if expert[row] else ("left_to_right", {})
-        gens, counted, _ = cde.decode_batch(run, lm, cde.build_decoder(name, lm.mask_id, run, args), [prompt], seed=0)
+        gens, counted, _ = core.decode_batch(run, lm, decoders.build_decoder(name, lm.mask_id, run, args), [prompt], seed=0)
         assert judged[row] == gens[0] and steps[row] == counted[0]
     assert (steps[~expert] == 16).all() and (steps[expert] < 16).all()
     assert torch.equal(trace["row"].bincount(minlength=9), steps)  # one record per counted forward of a row
@@ -240,7 +241,7 @@ def test_real_configs_run_one_step_on_a_random_weight_llada(tmp_path, tiny_llada
 
 
 def test_the_shipped_policy_loads_as_the_default():
-    decoder = cde.build_decoder("policy", 0, {}, {})
+    decoder = decoders.build_decoder("policy", 0, {}, {})
     assert decoder.net.config == policy.PolicyConfig() and decoder.sampling_mode == "bernoulli-argmax"
 
 

@@ -9,7 +9,7 @@ from functools import partial
 import torch
 import torch._dynamo.utils
 
-import custom_demask_eval as cde
+from demask import core
 from demask import networks
 from conftest import REPO
 
@@ -51,7 +51,7 @@ def test_bench_profile_needs_a_gpu():
 
 def test_compiled_blocks_share_one_graph_and_match_eager(tiny_llada):
     """What fast_forwards runs on a GPU, minus the CUDA graphs: compiled blocks for every layer."""
-    net = cde.load_model(tiny_llada, device="cpu").net
+    net = core.load_model(tiny_llada, device="cpu").net
     blocks = [torch.compile(block, dynamic=True) for block in net.parts()[1]]
     assert len(blocks) > 1
     compiled = partial(networks.forward_logits, net, blocks=blocks)
@@ -76,5 +76,5 @@ def test_train_tiny_smoke_run_gives_a_loadable_model(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     log = json.load(open(tmp_path / "model" / "training_log.json"))
     assert log["steps"] == 3 and log["args"]["math_problems"] == 200
-    model = cde.load_model(str(tmp_path / "model"), device="cpu")
+    model = core.load_model(str(tmp_path / "model"), device="cpu")
     assert model.net.config["d_model"] == 32 and len(model.net.parts()[1]) == 1

@@ -7,12 +7,13 @@ import sys
 import time
 
 import custom_demask_eval as cde
+from demask import core
 from conftest import REPO
 
 
 def test_bundled_model_loads_fast():
     start = time.time()
-    model = cde.load_model(cde.TINY, device="cpu")
+    model = core.load_model(cde.TINY, device="cpu")
     assert time.time() - start < 5
     assert model.family == "llada" and model.mask_id == 2 and model.stop_ids == [0, 5]
     assert model.n_tokens == len(model.tokenizer) == 2048

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
+from demask import core
 from demask import report_html
 from demask import trajectories
 from demask.settings import RunSettings
@@ -129,13 +130,13 @@ CFG = RunSettings(gen_length=4, steps=4, block_length=4)
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llada):
-    return cde.load_model(tiny_llada, device="cpu")
+    return core.load_model(tiny_llada, device="cpu")
 
 
 def decode(tiny, decoder, prompts=([0, 5, 6],)):
     traces = []
     batch = [dict(id=f"s/{i}", prompt_ids=list(p)) for i, p in enumerate(prompts)]
-    gens, counted, _ = cde.decode_batch(CFG, tiny, decoder, batch, seed=0, traces=traces)
+    gens, counted, _ = core.decode_batch(CFG, tiny, decoder, batch, seed=0, traces=traces)
     assert [t["tokens"] for t in traces] == gens and [t["forwards"] for t in traces] == counted
     return traces
 
@@ -280,14 +281,14 @@ def run_of(results, decoder):
 
 
 def test_tiny_run_traces_match_its_samples(tiny_results):
-    lm = cde.load_model(cde.TINY, device="cpu")
+    lm = core.load_model(cde.TINY, device="cpu")
     for decoder in ("default", "left_to_right"):
         run = run_of(tiny_results, decoder)
         records = jsonl(run / "samples.jsonl")
         assert len(records) == 8
         for r in records:
             t = r["trace"]
-            kept, _ = cde.cut_at_stop(t["tokens"], lm.stop_ids)
+            kept, _ = core.cut_at_stop(t["tokens"], lm.stop_ids)
             assert lm.tokenizer.decode(kept, skip_special_tokens=True) == r["generation"]
             assert t["forwards"] == r["steps"] and max(t["commit_step"]) < t["forwards"]
             assert all(c is None or 0 < c <= 1 for c in t["confidence"])

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import custom_demask_eval as cde
+from demask import core
 from demask import decoders
 from demask import tasks
 from demask.settings import RunSettings
@@ -116,7 +117,7 @@ def test_resume_refuses_other_settings(tmp_path, tiny_llada, flag):
 
 def test_default_and_klass_llada_give_identical_generations_and_counts():
     """The editable region ships KLASS: it must not drift from decoders.KlassDecoder (LLaDA variant)."""
-    lm = cde.load_model(cde.TINY, device="cpu")
+    lm = core.load_model(cde.TINY, device="cpu")
     cfg = cde.LABELS["tiny-math"]
     samples = tasks.MathTask().load(cfg)[:16]
     for s in samples:
@@ -124,7 +125,7 @@ def test_default_and_klass_llada_give_identical_generations_and_counts():
     outputs = []
     for name in ("default", "klass"):
         decoder = decoders.build_decoder(name, lm.mask_id, cfg, {})
-        outputs.append(cde.decode_batch(cfg, lm, decoder, samples, seed=0)[:2])
+        outputs.append(core.decode_batch(cfg, lm, decoder, samples, seed=0)[:2])
     assert outputs[0] == outputs[1] and max(outputs[0][1]) < cfg.steps
 
 
@@ -202,7 +203,7 @@ def test_unreachable_hub_model_is_one_line_exit_4(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-class Stuck(cde.TopKDecoder):
+class Stuck(decoders.TopKDecoder):
     """Calls the model forever without committing anything."""
 
     def decode(self, model, input_ids, gen_length, steps, block_length):
@@ -211,7 +212,7 @@ class Stuck(cde.TopKDecoder):
             model(x)
 
 
-class Returns(cde.TopKDecoder):
+class Returns(decoders.TopKDecoder):
     def __init__(self, mask_id, what="none"):
         super().__init__(mask_id)
         self.what = what
@@ -232,7 +233,7 @@ class Returns(cde.TopKDecoder):
     (Returns, {"what": "steps"}, "used_steps is str"),
 ])
 def test_broken_decoders_stop_with_one_line_exit_3(monkeypatch, capsys, tmp_path, tiny_llada, cls, args, message):
-    monkeypatch.setitem(cde.DECODERS, "broken", decoders.MethodInfo(cls, args))
+    monkeypatch.setitem(decoders.DECODERS, "broken", decoders.MethodInfo(cls, args))
     with pytest.raises(SystemExit) as exit_info:
         cde.main(["--label", "llada-math", "--model_path", tiny_llada, "--limit", "2", "--decoder", "broken", *SMALL,
                   "--results_dir", str(tmp_path)])
@@ -240,7 +241,7 @@ def test_broken_decoders_stop_with_one_line_exit_3(monkeypatch, capsys, tmp_path
     assert exit_info.value.code == 3 and message in err[-1] and not err[-1].startswith("Traceback")
 
 
-class FailsOnThirdBatch(cde.TopKDecoder):
+class FailsOnThirdBatch(decoders.TopKDecoder):
     calls = 0
 
     def decode(self, model, input_ids, gen_length, steps, block_length):
@@ -252,7 +253,7 @@ class FailsOnThirdBatch(cde.TopKDecoder):
 
 
 def test_rule_violation_keeps_finished_samples(monkeypatch, capsys, tmp_path, tiny_llada):
-    monkeypatch.setitem(cde.DECODERS, "late", decoders.MethodInfo(FailsOnThirdBatch, {}))
+    monkeypatch.setitem(decoders.DECODERS, "late", decoders.MethodInfo(FailsOnThirdBatch, {}))
     with pytest.raises(SystemExit) as exit_info:
         cde.main(["--label", "llada-math", "--model_path", tiny_llada, "--limit", "40", "--batch_size", "4",
                   "--decoder", "late", *SMALL, "--results_dir", str(tmp_path)])
@@ -347,7 +348,7 @@ def test_sweep_with_another_limit_is_another_run(tmp_path, tiny_llada):
 # Counting and checks a decoder cannot switch off
 
 
-class Bypass(cde.TopKDecoder):
+class Bypass(decoders.TopKDecoder):
     def __init__(self, mask_id, how="nfe"):
         super().__init__(mask_id)
         self.how = how
@@ -368,15 +369,15 @@ class Bypass(cde.TopKDecoder):
 
 
 @pytest.mark.parametrize("how,error", [("nfe", AttributeError), ("observer", AttributeError),
-                                       ("forward", AttributeError), ("wide", cde.RuleViolation)])
+                                       ("forward", AttributeError), ("wide", core.RuleViolation)])
 def test_decoder_cannot_bypass_counting_or_checks(tiny_llada, how, error):
-    lm = cde.load_model(tiny_llada, device="cpu")
+    lm = core.load_model(tiny_llada, device="cpu")
     cfg = RunSettings(gen_length=8, steps=8, block_length=4)
     with pytest.raises(error, match="forward shape" if how == "wide" else None):
-        cde.decode_batch(cfg, lm, Bypass(lm.mask_id, how), [dict(id="s/0", prompt_ids=[0, 5, 6])], seed=0)
+        core.decode_batch(cfg, lm, Bypass(lm.mask_id, how), [dict(id="s/0", prompt_ids=[0, 5, 6])], seed=0)
 
 
-class Guided(cde.TopKDecoder):
+class Guided(decoders.TopKDecoder):
     """Classifier-free-guidance style: each forward sees the batch and an un-prompted copy (2B rows)."""
 
     def decode(self, model, input_ids, gen_length, steps, block_length):
@@ -392,12 +393,12 @@ class Guided(cde.TopKDecoder):
 
 
 def test_guidance_rows_are_counted_and_checked(tiny_llada):
-    lm = cde.load_model(tiny_llada, device="cpu")
+    lm = core.load_model(tiny_llada, device="cpu")
     cfg = RunSettings(gen_length=4, steps=4, block_length=4)
     batch = [dict(id="s/0", prompt_ids=[0, 5, 6]), dict(id="s/1", prompt_ids=[0, 9])]
     decoder = Guided(lm.mask_id)
     decoder.batched = True
-    _, counted, reported = cde.decode_batch(cfg, lm, decoder, batch, seed=0)
+    _, counted, reported = core.decode_batch(cfg, lm, decoder, batch, seed=0)
     assert counted == [8, 8] and reported == [4, 4]  # 4 calls of 2B rows: 2 forwards per sample each
 
 
