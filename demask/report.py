@@ -300,22 +300,16 @@ class ParetoPoint(NamedTuple):
     score_std: float = 0.0
 
 
-def as_point(p):
-    """A ParetoPoint from a tuple in its field order (scripts/eval_policy.py builds plain tuples)."""
-    return p if isinstance(p, ParetoPoint) else ParetoPoint(*p)
-
-
 def dominates(q, p):
     """q has no more steps than p and q's score minus its std is at least p's score plus its std,
     so points within each other's error bars never dominate each other (with std 0 the plain rule)."""
-    q, p = as_point(q), as_point(p)
     return q.steps <= p.steps and q.score - q.score_std >= p.score + p.score_std
 
 
 def pareto_front(points):
     """The points that no point before them (by steps ascending, then score descending) dominates,
     in that order: a tie of steps and score goes to the first."""
-    ordered = sorted(map(as_point, points), key=lambda p: (p.steps, -p.score))
+    ordered = sorted(points, key=lambda p: (p.steps, -p.score))
     return [p for i, p in enumerate(ordered) if not any(dominates(q, p) for q in ordered[:i])]
 
 
@@ -595,6 +589,7 @@ def write_report(results_dir, out, label_defaults, run_keys):
         raise ValueError(f"no run with a readable summary.json under {results_dir!r}")
     out = out or os.path.join(results_dir, "report.md")
     out_dir = os.path.dirname(os.path.abspath(out))
+    os.makedirs(out_dir, exist_ok=True)
     lines, rows = header_lines(results_dir, runs, problems), []
     for model in sorted({r.model for r in runs}):
         lines += model_lines(model, runs, out_dir)

@@ -11,7 +11,6 @@ import os
 import re
 import sys
 
-from . import trajectories
 
 MAX_SAMPLES = 50
 
@@ -84,11 +83,6 @@ def first_samples(records):
     """The first MAX_SAMPLES of a run's traced records, each its trace plus id, verdict and prompt."""
     records = sorted(records, key=lambda r: natural_key(r["id"]))[:MAX_SAMPLES]
     return [dict(r["trace"], id=r["id"], correct=r.get("correct"), prompt=r.get("prompt", "")) for r in records]
-
-
-def replay_samples(run_dir):
-    """first_samples of the run directory's samples.jsonl."""
-    return first_samples(trajectories.traced_samples(run_dir))
 
 
 def token_texts(model_path, ids):

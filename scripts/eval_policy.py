@@ -72,40 +72,41 @@ def evaluate_mode(args, spec, block_length, passed):
 
 
 def point(name, stats):
-    """report's point (steps, score, family, text, score_std) of a configuration."""
-    return (stats["avg_steps"]["mean"], stats["accuracy"]["mean"], name.split()[0], name, stats["accuracy"]["std"])
+    """The report's Pareto point of a configuration."""
+    return report.ParetoPoint(stats["avg_steps"]["mean"], stats["accuracy"]["mean"], name.split()[0], name,
+                              stats["accuracy"]["std"])
 
 
 def bar_verdict(policy, references, fully_parallel):
     """(met, reason) of the issue-13 bar for one policy point against the references' points."""
     if fully_parallel:
         on_front = not any(report.dominates(q, policy) for q in references)
-        beaten = [q[3] for q in references if report.dominates(policy, q) and not report.dominates(q, policy)]
+        beaten = [q.text for q in references if report.dominates(policy, q) and not report.dominates(q, policy)]
         return on_front and bool(beaten), (f"on the front: {'yes' if on_front else 'no'}; "
                                            f"strictly dominates: {', '.join(beaten) or 'none'}")
-    expert = next((q for q in references if q[3] == SEMI_AR_REFERENCE), None)
+    expert = next((q for q in references if q.text == SEMI_AR_REFERENCE), None)
     if expert is None:
         return False, f"no {SEMI_AR_REFERENCE} among the references"
-    met = policy[1] >= expert[1] - SEMI_AR_SLACK and policy[0] <= expert[0]
-    return met, (f"accuracy {policy[1]:.3f} vs {expert[1]:.3f} (bar >= {expert[1] - SEMI_AR_SLACK:.3f}), "
-                 f"avg_steps {policy[0]:.2f} vs {expert[0]:.2f} (bar <=)")
+    met = policy.score >= expert.score - SEMI_AR_SLACK and policy.steps <= expert.steps
+    return met, (f"accuracy {policy.score:.3f} vs {expert.score:.3f} (bar >= {expert.score - SEMI_AR_SLACK:.3f}), "
+                 f"avg_steps {policy.steps:.2f} vs {expert.steps:.2f} (bar <=)")
 
 
 def print_mode(block_length, gen_length, results):
     points = [point(name, stats) for name, stats in results]
-    front = {p[3] for p in report.pareto_front(points)}
+    front = {p.text for p in report.pareto_front(points)}
     fully_parallel = block_length == gen_length
     print(f"\nblock {block_length} ({'fully parallel' if fully_parallel else 'semi-AR'}), "
           f"{int(results[0][1]['n_samples']['mean'])} problems:")
     for (name, stats), p in zip(results, points):
         steps = stats["avg_steps"]
-        print(f"  {name:60s} {p[1]:.3f} ± {p[4]:.3f}  {steps['mean']:6.2f} ± {steps['std']:.2f}  "
+        print(f"  {name:60s} {p.score:.3f} ± {p.score_std:.3f}  {steps['mean']:6.2f} ± {steps['std']:.2f}  "
               f"{'front' if name in front else ''}")
-    references = [p for p in points if p[2] != "policy"]
+    references = [p for p in points if p.family != "policy"]
     for p in points:
-        if p[2] == "policy":
+        if p.family == "policy":
             met, reason = bar_verdict(p, references, fully_parallel)
-            print(f"BAR block {block_length}: {p[3]}: {'MET' if met else 'NOT MET'} ({reason})")
+            print(f"BAR block {block_length}: {p.text}: {'MET' if met else 'NOT MET'} ({reason})")
 
 
 def write_csv(path, rows):

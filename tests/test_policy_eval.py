@@ -10,10 +10,11 @@ from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "scripts"))
 import eval_policy  # noqa: E402
+from demask import report  # noqa: E402
 
 
 def pt(name, steps, accuracy, std=0.0):
-    return (steps, accuracy, name.split()[0], name, std)
+    return report.ParetoPoint(steps, accuracy, name.split()[0], name, std)
 
 
 FULLY_PARALLEL = [pt("threshold alg_threshold=0.8", 2.9, 0.73), pt("threshold alg_threshold=0.9", 3.3, 0.77),

@@ -162,8 +162,9 @@ def test_pareto_front_respects_error_bars():
     assert [p.family for p in front] == ["a", "b", "d"]  # b is within a's error bars; c is not
     assert [p.family for p in report.pareto_front([p._replace(score_std=0.0) for p in points])] == ["a", "d"]
     # scripts/eval_policy.py passes plain tuples in the fields' order
-    assert report.dominates((10, 80, "a", "a", 0.0), (12, 79, "b", "b", 0.0))
-    assert not report.dominates((10, 80, "a", "a", 2.0), (12, 79, "b", "b", 2.0))
+    P = report.ParetoPoint
+    assert report.dominates(P(10, 80, "a", "a", 0.0), P(12, 79, "b", "b", 0.0))
+    assert not report.dominates(P(10, 80, "a", "a", 2.0), P(12, 79, "b", "b", 2.0))
 
 
 def test_seeds_run_aggregates_and_report_shows_error_bars(tmp_path, tiny_llada):

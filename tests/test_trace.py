@@ -318,7 +318,7 @@ def test_report_has_order_columns_figures_and_html(tiny_results):
 
 def test_replay_embeds_the_first_samples_in_natural_order(tiny_results, monkeypatch):
     monkeypatch.setattr(report_html, "MAX_SAMPLES", 3)
-    ids = [s["id"] for s in report_html.replay_samples(str(run_of(tiny_results, "default")))]
+    ids = [s["id"] for s in report_html.first_samples(trajectories.traced_samples(str(run_of(tiny_results, "default"))))]
     assert ids == ["tiny_math_test/0", "tiny_math_test/1", "tiny_math_test/2"]
 
 # ---------------------------------------------------------------------------
