@@ -7,6 +7,7 @@ has masks, so a row's forward count does not depend on the other rows of its bat
 """
 import inspect
 import math
+import re
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -614,9 +615,27 @@ class MethodInfo(NamedTuple):
 
 DECODERS = {}
 
+# Optional class attributes by which a decoder class names and describes itself (all strings):
+# `name` (how the report and the run directory name it, e.g. "cfad"; letters, digits, _ . -),
+# `method_type` (one of METHOD_TYPES), `representative_param`, `position_score`, `summary`.
+DESCRIBING = ("name", "method_type", "representative_param", "position_score", "summary")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
 
-def register_method(name, cls, method_type="custom", representative_param=None, position_score=None,
-                    uses_steps=None, summary="", reference="", replace=False, **fixed):
+
+def class_description(cls):
+    """The DESCRIBING attributes a decoder class sets (non-empty strings only); raises ValueError for
+    a method_type outside METHOD_TYPES or a name that is not a short word."""
+    own = {k: v for k in DESCRIBING if isinstance(v := getattr(cls, k, None), str) and v}
+    if own.get("method_type", "custom") not in METHOD_TYPES:
+        raise ValueError(f"{cls.__name__}.method_type must be one of {METHOD_TYPES}, got {own['method_type']!r}")
+    if "name" in own and not NAME_PATTERN.fullmatch(own["name"]):
+        raise ValueError(f"{cls.__name__}.name must be up to 48 letters, digits, _ . or -, starting with a letter "
+                         f"or digit; got {own['name']!r}")
+    return own
+
+
+def register_method(name, cls, method_type=None, representative_param=None, position_score=None,
+                    uses_steps=None, summary=None, reference="", replace=False, **fixed):
     """Make `cls` selectable as `--decoder NAME` (and in sweeps and reports).
 
     cls: a class built as cls(mask_id=..., <settings its constructor accepts>) with a
@@ -626,7 +645,14 @@ def register_method(name, cls, method_type="custom", representative_param=None, 
     position_score: what it ranks positions by (a POSITION_SCORES name or a description).
     uses_steps: whether `steps` matters (default: False for threshold, factor and schedule types).
     fixed: constructor arguments fixed by this entry (decoder_args can still override them).
+    method_type, representative_param, position_score and summary not given here come from the
+    class's attributes of those names (`class_description`), else "custom", None, None and "".
     """
+    own = class_description(cls)
+    method_type = method_type or own.get("method_type", "custom")
+    representative_param = representative_param or own.get("representative_param")
+    position_score = position_score or own.get("position_score")
+    summary = own.get("summary", "") if summary is None else summary
     if method_type not in METHOD_TYPES:
         raise ValueError(f"method_type must be one of {METHOD_TYPES}, got {method_type!r}")
     if not callable(getattr(cls, "decode", None)):
@@ -683,13 +709,27 @@ def build_decoder(name, mask_id, settings, decoder_args):
 
 
 def describe_decoder(name, decoder, run):
-    """What a run records about its decoder: registry entry and settings derived from the run."""
+    """What a run records about its decoder (config.json's decoder_info): method type,
+    representative parameter and position score as the decoder's class gives them in its
+    attributes (`class_description`), else as its registry entry does (a `score` decoder argument
+    wins); the class's `name` and `summary` when it sets them, and when it sets its
+    representative parameter, that parameter's value on the instance (`representative_value`);
+    then the settings the decoder derives from the run (`info`)."""
     info = DECODERS[name]
     cls = type(decoder)
-    out = dict(method_type=info.method_type, representative_param=info.representative_param,
-               position_score=method_position_score(name, run.decoder_args),
+    own = class_description(cls)
+    args = run.decoder_args or {}
+    out = {"name": own["name"]} if "name" in own else {}
+    out.update(method_type=own.get("method_type", info.method_type),
+               representative_param=own.get("representative_param", info.representative_param),
+               position_score=args.get("score") or own.get("position_score") or method_position_score(name, args),
                remasks=bool(getattr(decoder, "remasks", False)), batched=bool(getattr(decoder, "batched", False)),
                cls=f"{cls.__module__}.{cls.__qualname__}")
+    if "summary" in own:
+        out["summary"] = own["summary"]
+    value = getattr(decoder, own.get("representative_param", ""), None)
+    if isinstance(value, (bool, int, float, str)):
+        out["representative_value"] = value
     if callable(getattr(decoder, "info", None)):
         out.update(decoder.info(run.gen_length, run.steps, run.block_length))
     return out

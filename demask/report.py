@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
 import functools
 import inspect
 import json
@@ -20,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import report_html, trajectories
+from . import REPO, report_html, trajectories
 from .decoders import DECODERS, method_config_keys, method_position_score
 from .kvcache import MODES
 
@@ -56,8 +57,9 @@ class ReportRun:
     dir: str                        # relative to the results folder
     root: str                       # as found under the results folder
     label: str
-    decoder: str
-    model: str
+    decoder: str                    # the registry name the run was made with
+    model: str                      # as shown: hub id, or path relative to the repository / results folder
+    model_path: str                 # as recorded in the run's config (what loads its tokenizer)
     cfg: dict
     metrics: dict
     order: dict                     # summary.json's decoding-order statistics
@@ -65,7 +67,12 @@ class ReportRun:
     n: int                          # samples
     avg_steps: float
     fingerprint: str | None
-    family: str                     # decoder, and " +<mode> cache" for a cached run
+    name: str                       # the decoder class's `name` (decoder_info), else the registry name
+    version: str | None             # code identity: summary's `code`, else (unshipped code) the fingerprint
+    shipped: bool                   # the decoder class lives in the demask package
+    date: str                       # run date: the run directory's timestamp, else summary.json's mtime
+    family_key: tuple               # (decoder, class name, version, cache mode): never two families in one
+    family: str                     # as shown, set by `name_families`: name[@hash8][ +<mode> cache][ (date)]
     kind: str                       # "accuracy" or "text"
     metric: str
     score: float | None             # the metric in %
@@ -80,6 +87,9 @@ class ReportRun:
     n_seeds: int = 1
     source: ReportRun | None = field(default=None, repr=False)
     order_png: str | None = None    # set by order_lines on the run whose trace the figure shows
+    family_name: str = ""           # the family without its date (Pareto point labels, the front line)
+    family_sort: tuple = ()         # the family's place: editable decoder, registry order, name, cache, date
+    summary: str = ""               # the decoder class's `summary` (decoder_info)
 
     @property
     def shown(self):
@@ -103,8 +113,9 @@ def collect_runs(results_dir, label_defaults, run_keys):
         try:
             runs.append(read_run(results_dir, root, path, label_defaults, run_keys))
         except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
-            problems.append(f"{os.path.relpath(path, results_dir)}: {type(e).__name__}: {e}")
-    return runs, problems
+            message = str(e).replace(os.path.abspath(results_dir) + os.sep, "")
+            problems.append(f"{os.path.relpath(path, results_dir)}: {type(e).__name__}: {message}")
+    return name_families(runs), problems
 
 
 def read_run(results_dir, root, path, label_defaults, run_keys):
@@ -117,11 +128,19 @@ def read_run(results_dir, root, path, label_defaults, run_keys):
     metric = next((m for m in ACCURACY_METRICS if m in metrics), "mauve")
     method_type, rep_name, rep = run_method(cfg, decoder)
     tokens_per_forward = cfg["gen_length"] / avg_steps if avg_steps > 0 else None
+    info, mtime, fingerprint = cfg.get("decoder_info") or {}, os.path.getmtime(path), cfg.get("fingerprint")
+    own_name, shipped = info.get("name") if isinstance(info.get("name"), str) else None, is_shipped(decoder, info)
+    code = summary.get("code") or info.get("code")
+    version = code or (None if shipped else fingerprint)
     return ReportRun(
-        dir=os.path.relpath(root, results_dir), root=root, label=label, decoder=decoder, model=str(cfg.get("model")),
-        cfg=cfg, metrics=metrics, order=summary.get("order") or {}, mtime=os.path.getmtime(path),
-        n=int(metrics.get("n_samples", 0)), avg_steps=avg_steps, fingerprint=cfg.get("fingerprint"),
-        family=run_family(decoder, cfg), kind=kind, metric=metric, score=percent(metrics.get(metric)),
+        dir=os.path.relpath(root, results_dir), root=root, label=label, decoder=decoder,
+        model=shown_path(str(cfg.get("model")), results_dir), model_path=str(cfg.get("model")),
+        cfg=cfg, metrics=metrics, order=summary.get("order") or {}, mtime=mtime,
+        n=int(metrics.get("n_samples", 0)), avg_steps=avg_steps, fingerprint=fingerprint,
+        name=own_name or decoder, version=version, shipped=shipped, date=run_date(root, mtime),
+        family_key=(decoder, own_name, version, cfg.get("cache", "none")), family=run_family(decoder, cfg),
+        summary=info.get("summary") if isinstance(info.get("summary"), str) else "",
+        kind=kind, metric=metric, score=percent(metrics.get(metric)),
         scorer_lm=scorer_lm(cfg, details) if kind == "text" else None, type=method_type, rep_name=rep_name,
         rep=rep, params=run_params(cfg, decoder, label_defaults.get(label, {}), run_keys),
         tokens_per_forward=tokens_per_forward,
@@ -130,8 +149,75 @@ def read_run(results_dir, root, path, label_defaults, run_keys):
 
 def run_family(decoder, cfg):
     """The decoder; cached runs form their own family, never mixed with exact ones."""
-    cache = cfg.get("cache", "none")
-    return decoder + (f" +{cache} cache" if cache != "none" else "")
+    return decoder + cache_suffix(cfg.get("cache", "none"))
+
+
+def cache_suffix(cache):
+    return f" +{cache} cache" if cache != "none" else ""
+
+
+def is_shipped(decoder, info):
+    """Whether the run's decoder class is part of the demask package (its recorded class, else the
+    registry's): the editable DemaskDecoder and plugins are not."""
+    module = info["cls"].rpartition(".")[0] if isinstance(info.get("cls"), str) else (
+        DECODERS[decoder].cls.__module__ if decoder in DECODERS else "")
+    return module == "demask" or module.startswith("demask.")
+
+
+STAMP = re.compile(r"-(\d{4})(\d{2})(\d{2})-\d{6}(?:-\d+)?$")
+
+
+def run_date(root, mtime):
+    """YYYY-MM-DD: the timestamp that ends a single run's directory name, else the summary's mtime."""
+    stamp = STAMP.search(os.path.basename(os.path.normpath(root)))
+    return "-".join(stamp.groups()) if stamp else datetime.date.fromtimestamp(mtime).isoformat()
+
+
+def shown_path(path, results_dir):
+    """A model path as the report shows it: a hub id or relative path as recorded; an absolute path
+    inside the repository relative to it, any other relative to the results folder."""
+    if not os.path.isabs(path):
+        return path
+    path = os.path.normpath(path)
+    if os.path.commonpath([path, REPO]) == REPO:
+        return os.path.relpath(path, REPO)
+    return os.path.relpath(path, os.path.abspath(results_dir))
+
+
+def decoder_rank(decoder):
+    """The editable decoder first, then the registry's order, then unregistered names."""
+    names = ["default"] + [n for n in DECODERS if n != "default"]
+    return names.index(decoder) if decoder in names else len(names)
+
+
+def name_families(runs):
+    """The runs with their family labels. A family is one decoder (registry name and class `name`)
+    at one version of its code and one --cache mode: different versions are never one family. Its
+    label is the class's `name`, else the registry name; `@<hash8>` and the earliest run date are
+    added for the editable decoder and plugins without a `name` (their code changes between runs)
+    and for every family whose name another family also has. Order: the editable decoder, then the
+    registry's order; within a decoder, names by their first run, a cached family after its exact
+    one, versions by date."""
+    groups = {}
+    for run in runs:
+        groups.setdefault(run.family_key, []).append(run)
+    taken = {}
+    for (decoder, own_name, version, cache) in groups:
+        taken[(own_name or decoder, cache)] = taken.get((own_name or decoder, cache), 0) + 1
+    first_run = {}
+    for run in runs:
+        key = (run.decoder, run.name)
+        first_run[key] = min(first_run.get(key, run.date), run.date)
+    named = {}
+    for key, members in groups.items():
+        decoder, own_name, version, cache = key
+        base, date, first = own_name or decoder, min(r.date for r in members), members[0]
+        dated = taken[(base, cache)] > 1 or not (own_name or first.shipped)
+        name = base + (f"@{version[:8]}" if dated and version else "") + cache_suffix(cache)
+        named[key] = dict(family_name=name, family=name + (f" ({date})" if dated else ""),
+                          family_sort=(decoder_rank(decoder), decoder, first_run[(decoder, base)], base,
+                                       MODES.index(cache) if cache in MODES else len(MODES), date, version or ""))
+    return [dataclasses.replace(r, **named[r.family_key]) for r in runs]
 
 
 def percent(value):
@@ -153,14 +239,18 @@ def constructor_default(cls, name):
 
 
 def run_method(cfg, name):
-    """(method type, representative parameter, its value) from the registry, else from the run's record."""
+    """(method type, representative parameter, its value) as the run recorded them (decoder_info:
+    the class's attributes, else its registry entry then), else from today's registry entry."""
     recorded = cfg.get("decoder_info") or {}
     info = DECODERS.get(name)
-    kind = info.method_type if info else recorded.get("method_type", "custom")
-    rep = info.representative_param if info else recorded.get("representative_param")
+    kind = recorded.get("method_type") or (info.method_type if info else "custom")
+    rep = recorded["representative_param"] if "representative_param" in recorded else (
+        info.representative_param if info else None)
     args = cfg.get("decoder_args") or {}
     if rep == "k":
         value = cfg["gen_length"] / cfg["steps"]
+    elif "representative_value" in recorded:
+        value = recorded["representative_value"]
     elif rep in args:
         value = args[rep]
     elif info and rep in info.fixed:
@@ -185,9 +275,10 @@ def run_params(cfg, name, defaults, run_keys):
 
 
 def run_position_score(run):
-    if run.decoder in DECODERS:
-        return method_position_score(run.decoder, run.cfg.get("decoder_args"))
-    return (run.cfg.get("decoder_info") or {}).get("position_score")
+    """A `score` decoder argument, else what the run recorded (decoder_info), else the registry's."""
+    args, recorded = run.cfg.get("decoder_args") or {}, run.cfg.get("decoder_info") or {}
+    return args.get("score") or recorded.get("position_score") or (
+        method_position_score(run.decoder, args) if run.decoder in DECODERS else None)
 
 
 # ---------------------------------------------------------------------------
@@ -212,39 +303,32 @@ def slug(text):
     return re.sub(r"[^\w.+-]", "_", str(text)).strip("_") or "x"
 
 
-def family_order(name):
-    """The editable decoder first, then the registry's order, then unregistered names; a cached
-    family ("threshold +dual cache") after its exact one."""
-    names = ["default"] + [n for n in DECODERS if n != "default"]
-    decoder, _, cached = name.partition(" +")
-    mode = MODES.index(cached.split(" ")[0]) if cached else 0
-    return (names.index(decoder) if decoder in names else len(names), decoder, mode)
-
-
 def sort_value(value):
     return (0, value, "") if isinstance(value, (int, float)) and not isinstance(value, bool) else (1, 0, str(value))
 
 
 def row_key(run):
-    """Runs in one leaderboard row share decoder, parameters, code fingerprint and (text) scorer LM."""
-    return run.family, json.dumps(run.params, sort_keys=True, default=str), run.fingerprint, run.scorer_lm
+    """Runs in one leaderboard row share decoder family, parameters, code fingerprint and (text) scorer LM."""
+    return run.family_key, json.dumps(run.params, sort_keys=True, default=str), run.fingerprint, run.scorer_lm
 
 
 def row_sort(run):
-    return family_order(run.family) + (sort_value(run.rep), json.dumps(run.params, default=str), str(run.fingerprint))
+    return run.family_sort + (sort_value(run.rep), json.dumps(run.params, default=str), str(run.fingerprint))
 
 
 def row_name(run):
-    """The decoder's name (and its --cache mode); rows of the editable decoder and of plugins carry
-    their code hash."""
-    name = run.decoder
-    if run.fingerprint and (name == "default" or name not in DECODERS or DECODERS[name].cls.__module__ != "demask.decoders"):
-        name += f" `{run.fingerprint[:8]}`"
-    return name + run.family[len(run.decoder):]
+    """The decoder family's label (`name_families`): its name, and for a version of the editable
+    decoder or a plugin its code hash and date; a --cache mode."""
+    return run.family
 
 
 def run_caption(run):
     return f"{row_name(run)} {params_text(run.params)}" if run.params else row_name(run)
+
+
+def point_text(run):
+    """A Pareto point's label: the family without its date, and the run's settings."""
+    return f"{run.family_name} {params_text(run.params)}" if run.params else run.family_name
 
 
 def choose_runs(runs):
@@ -342,17 +426,28 @@ def pyplot():
     return plt
 
 
+def family_colors(n):
+    """n distinct colours: tab10 up to 10 families, tab20 up to 20, else evenly spaced on turbo."""
+    plt = pyplot()
+    if n <= 10:
+        return [plt.cm.tab10(i) for i in range(n)]
+    if n <= 20:
+        return [plt.cm.tab20(i) for i in range(n)]
+    return [plt.cm.turbo(i / (n - 1)) for i in range(n)]
+
+
 def plot_pareto(points, title, ylabel, path):
-    """points: a ParetoPoint per configuration; error bars show ± std."""
+    """points: a ParetoPoint per configuration, families in the order of their first point; one
+    colour per family, error bars ± std, every point labelled with its text (front points in black,
+    the others smaller in grey). Returns the legend's labels."""
     plt = pyplot()
     import matplotlib.ticker
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    families = sorted({p.family for p in points}, key=family_order)
-    for i, fam in enumerate(families):
+    families = list(dict.fromkeys(p.family for p in points))
+    for i, (fam, color) in enumerate(zip(families, family_colors(len(families)))):
         mine = [p for p in points if p.family == fam]
-        color = plt.cm.tab10(i % 10)
         ax.scatter([p.steps for p in mine], [p.score for p in mine], s=26, label=fam, color=color,
-                   marker="os^Dv<>P"[i // 10 % 7])
+                   marker="os^Dv<>P"[i // 10 % 7] if len(families) <= 20 else "os^Dv<>P"[i % 8])
         spread = [p for p in mine if p.score_std > 0]
         if spread:
             ax.errorbar([p.steps for p in spread], [p.score for p in spread], yerr=[p.score_std for p in spread],
@@ -360,8 +455,6 @@ def plot_pareto(points, title, ylabel, path):
     front = pareto_front(points)
     ax.plot([p.steps for p in front], [p.score for p in front], "k--", lw=1, label="Pareto front")
     ax.scatter([p.steps for p in front], [p.score for p in front], s=110, facecolors="none", edgecolors="k")
-    for p in front:
-        ax.annotate(p.text, (p.steps, p.score), textcoords="offset points", xytext=(4, 4), fontsize=6)
     ax.set_xscale("log")
     ticks = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(ticks)
@@ -371,10 +464,35 @@ def plot_pareto(points, title, ylabel, path):
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="best")
+    legend = ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
+    label_points(ax, points, front)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return [t.get_text() for t in legend.get_texts()]
+
+
+def label_points(ax, points, front):
+    """Every point's text beside it, front points first in black, the others smaller in grey. A label
+    takes the first offset (above right, then alternately below / higher / lower) where it overlaps
+    no label placed before it (estimated boxes); near the right edge it sits left of its point."""
+    scale, placed = ax.figure.dpi / 72, []
+    (x0, x1), to_pixels = ax.get_xlim(), ax.transData.transform
+    for p in sorted(points, key=lambda p: (p not in front, p.steps, -p.score)):
+        on_front = p in front
+        size = 6 if on_front else 5
+        width, height = len(p.text) * size * 0.55 * scale, size * 1.25 * scale
+        flip = x1 > x0 > 0 and p.steps > 0 and math.log(p.steps / x0) > 0.8 * math.log(x1 / x0)
+        x, y = to_pixels((p.steps, p.score))
+        dx = -4 if flip else 4
+        for dy in (2, -9, 9, -16, 16, -23, 23, -30, 30):
+            left, bottom = x + dx * scale - (width if flip else 0), y + dy * scale
+            box = (left, bottom, left + width, bottom + height)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        ax.annotate(p.text, (p.steps, p.score), textcoords="offset points", xytext=(dx, dy), fontsize=size,
+                    ha="right" if flip else "left", va="bottom", color="black" if on_front else "0.45")
 
 
 def plot_order(traces, title, path):
@@ -412,12 +530,17 @@ def plot_order(traces, title, path):
 # Report sections
 
 
-def header_lines(results_dir, runs, problems):
+def header_lines(results_dir, runs, problems, out_dir="."):
+    shown = os.path.relpath(os.path.abspath(results_dir), out_dir)
+    where = "this folder" if shown == "." else f"`{shown}`"
     lines = ["# Decoder report", "",
-             f"{len(runs)} runs read from `{results_dir}`. Rows never mix models, scorer LMs or decoder code "
-             "(fingerprint): one section per model; rows of the editable decoder and of "
-             "plugins show their code hash. Per row and label the run with the most samples (then the "
-             "newest) is shown; `runs` counts the runs merged into the row.", "", *HEADER_NOTES, ""]
+             f"{len(runs)} runs read from {where} (run directories and local model paths below are relative "
+             "to it, or to the repository for models inside it). Rows never mix models, scorer LMs or decoder "
+             "code (fingerprint): one section per model. A decoder family is one version of a decoder's code: "
+             "it is named by its class's `name`, else its registry name, and the editable decoder (`default`) "
+             "and plugins without a `name` add `@` their code hash and the date of their first run. Per row and "
+             "label the run with the most samples (then the newest) is shown; `runs` counts the runs merged "
+             "into the row.", "", *HEADER_NOTES, ""]
     if problems:
         lines += ["Unreadable summaries (skipped): " + "; ".join(f"`{p}`" for p in problems), ""]
     return lines
@@ -441,6 +564,9 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
             cols += label_cells(cells.get((rk, label)), text)
         cols.append(str(sum(counts.get((rk, label), 0) for label in labels)))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
+    described = {r.family: r.summary for r in sorted(rows.values(), key=row_sort) if r.summary}
+    if described:
+        lines += ["", *(f"- `{fam}`: {text}" for fam, text in described.items())]
     return lines + [""]
 
 
@@ -487,7 +613,7 @@ def plot_name(label, scorer_lm, model, mine, runs):
 def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
     metric, short_model = pts[0].metric, os.path.basename(model.rstrip("/"))
     name = plot_name(label, scorer_lm, model, mine, runs)
-    points = [ParetoPoint(r.avg_steps, r.score, r.family, run_caption(r), r.score_std) for r in pts]
+    points = [ParetoPoint(r.avg_steps, r.score, r.family, point_text(r), r.score_std) for r in sorted(pts, key=row_sort)]
     scored = f", scorer {scorer_lm}" if scorer_lm else ""
     plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
                 os.path.join(out_dir, name))
@@ -500,12 +626,12 @@ def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
 def pbx_aup_lines(label, pts):
     y_max = max(r.score for r in pts)
     by_family = {}
-    for r in pts:
-        by_family.setdefault(r.family, []).append(r)
+    for r in sorted(pts, key=row_sort):
+        by_family.setdefault(r.family_key, []).append(r)
     lines = [f"### {label}: PBx and AUP", "",
              "| decoder | configs | PB90 | PB80 | PB70 | PB60 | AUP |", "|---|---|---|---|---|---|---|"]
-    for fam in sorted(by_family, key=family_order):
-        group = by_family[fam]
+    for group in by_family.values():
+        fam = group[0].family
         pb = pb_scores([(r.score, r.pb_tps) for r in group])
         value, flagged = aup([(r.tokens_per_forward, r.score) for r in group], y_max)
         lines.append(f"| {fam} | {len(group)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) +
@@ -576,7 +702,8 @@ def csv_rows(model, mine):
                  rep_value=r.rep, params=json.dumps(r.params, default=str), scorer_lm=r.scorer_lm, metric=r.metric,
                  score=r.score, avg_steps=r.avg_steps, tokens_per_step=r.tokens_per_forward, tps=r.pb_tps,
                  n_samples=r.n, kendall_tau=r.order.get("kendall_tau"), spearman_rho=r.order.get("spearman_rho"),
-                 run_dir=r.dir, fingerprint=r.fingerprint, cache=r.cfg.get("cache", "none"))
+                 run_dir=r.dir, fingerprint=r.fingerprint, cache=r.cfg.get("cache", "none"), family=r.family,
+                 version=r.version)
             for r in sorted(mine, key=lambda r: (r.label, row_sort(r), r.dir))]
 
 
@@ -590,7 +717,7 @@ def write_report(results_dir, out, label_defaults, run_keys):
     out = out or os.path.join(results_dir, "report.md")
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)
-    lines, rows = header_lines(results_dir, runs, problems), []
+    lines, rows = header_lines(results_dir, runs, problems, out_dir), []
     for model in sorted({r.model for r in runs}):
         lines += model_lines(model, runs, out_dir)
         rows += csv_rows(model, [r for r in runs if r.model == model])
@@ -606,6 +733,6 @@ def write_report(results_dir, out, label_defaults, run_keys):
 
 def replay_views(runs):
     """What report.html shows of each run with an order figure (the shown runs with a trace)."""
-    return [dict(label=r.label, caption=run_caption(r), model=r.model, figure=r.order_png, order=r.order,
-                 records=r.traced_records)
+    return [dict(label=r.label, caption=run_caption(r), model=r.model, model_path=r.model_path, figure=r.order_png,
+                 order=r.order, records=r.traced_records)
             for r in sorted(runs, key=lambda r: (r.label, row_sort(r))) if r.order_png]

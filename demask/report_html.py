@@ -102,14 +102,18 @@ def token_texts(model_path, ids):
 
 
 def replay_data(views):
-    runs, used = [], {}
+    """The page's data: per view its fields (less the records, and `model_path`, which only loads the
+    tokenizer: the page names models as the report shows them) and samples; per model the texts of
+    the token ids the samples use."""
+    runs, used, paths = [], {}, {}
     for view in views:
         samples = first_samples(view["records"])
-        runs.append(dict({k: v for k, v in view.items() if k != "records"}, samples=samples))
+        runs.append(dict({k: v for k, v in view.items() if k not in ("records", "model_path")}, samples=samples))
         ids = used.setdefault(view["model"], set())
+        paths.setdefault(view["model"], view.get("model_path", view["model"]))
         for s in samples:
             ids.update(s["tokens"], (u[1] for u in s["undone"]))
-    return dict(runs=runs, vocab={model: token_texts(model, ids) for model, ids in used.items()},
+    return dict(runs=runs, vocab={model: token_texts(paths[model], ids) for model, ids in used.items()},
                 max_samples=MAX_SAMPLES)
 
 # ---------------------------------------------------------------------------
@@ -117,8 +121,9 @@ def replay_data(views):
 
 
 def write_html(path, lines, views):
-    """views: per shown run with a trace: label, caption, model, figure (its order PNG), order
-    (summary.json's) and records (its samples.jsonl records that have a trace)."""
+    """views: per shown run with a trace: label, caption, model (as shown), model_path (as recorded),
+    figure (its order PNG), order (summary.json's) and records (its samples.jsonl records that have
+    a trace)."""
     data = json.dumps(replay_data(views), separators=(",", ":")).replace("</", "<\\/")
     head, rest = PAGE.split("%REPORT%")
     middle, tail = rest.split("%DATA%")

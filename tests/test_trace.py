@@ -309,9 +309,11 @@ def test_report_has_order_columns_figures_and_html(tiny_results):
     page = (tiny_results / "report.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # nothing fetched from the network
     data = json.loads(re.search(r'<script type="application/json" id="trace-data">(.*?)</script>', page, re.S)[1])
-    assert [r["caption"].split(" ")[0] for r in data["runs"]] == ["default", "left_to_right"]
+    # the editable decoder's family: default@<code hash> (date of its run)
+    assert [re.sub(r"@[0-9a-f]{8} \(\d{4}-\d{2}-\d{2}\)$", "", r["caption"]) for r in data["runs"]] == [
+        "default", "left_to_right"]
     assert all(len(r["samples"]) == 8 and (tiny_results / r["figure"]).exists() for r in data["runs"])
-    vocab = data["vocab"][cde.TINY]
+    vocab = data["vocab"][os.path.relpath(cde.TINY, REPO)]  # models inside the repository: relative to it
     assert all(str(t) in vocab for r in data["runs"] for s in r["samples"] for t in s["tokens"])
     assert "pareto_tiny-math.png" in page and '<table class="leaderboard">' in page
 
@@ -414,7 +416,7 @@ def test_report_html_replays_in_chromium(tiny_results, tmp_path):
         browser.open((tiny_results / "report.html").as_uri())
         rows = browser.js("[...document.querySelectorAll('table.leaderboard tbody tr')]"
                           ".map(r => r.cells[0].textContent)")
-        assert len(rows) == 2 and rows[0].startswith("default ") and rows[1] == "left_to_right"
+        assert len(rows) == 2 and rows[0].startswith("default@") and rows[1] == "left_to_right"
 
         # pick a sample of the first run (default), then step forward and back
         browser.js(f"const s = document.getElementById('sample'); s.value = {json.dumps(sample['id'])};"
