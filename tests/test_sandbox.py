@@ -1,8 +1,10 @@
-"""The sandbox of sandbox.py against the attacks of issue #17, in each layer that runs here.
+"""The sandbox of sandbox.py against the attacks of issue #17 and of issue #24 item 7, in each
+layer that runs here.
 
-Every attack is bounded (at most 3 GiB asked for, at most 2 processes started, short timeouts) and
-aims only at files the test creates under tmp_path and at a listener the test starts on 127.0.0.1.
-Attacks that the process layer does not contain are not run in it: their tests skip with the reason.
+Every attack is bounded (at most 3.6 GiB asked for, at most 3 processes started, short timeouts)
+and aims only at files the test creates under tmp_path and at a listener the test starts on
+127.0.0.1. Attacks that the process layer does not contain are not run in it: their tests skip
+with the reason.
 """
 import contextlib
 import json
@@ -43,7 +45,8 @@ def leak(found):
 def f(*args):
 '''
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
-ROOT_ONLY = "the process layer runs generated code as the harness's user, who can reach this"
+ROOT_ONLY = ("the process layer runs generated code as the harness's user (as root: nobody or root "
+             "without capabilities), who may reach this")
 
 
 def judge(layer, routes, timeout=3.0, test=TEST, **consts):
@@ -423,10 +426,202 @@ def test_infinite_loop_times_out_after_3_seconds(layer):
 def test_layer_is_detected_once(monkeypatch, capsys):
     assert sandbox.layer() in (sandbox.BWRAP, "process")
     sandbox._detected.cache_clear()
-    monkeypatch.setattr(sandbox, "_bwrap", lambda timeout: ["false"])
+    monkeypatch.setattr(sandbox, "_bwrap", lambda *args: ["false"])
     try:
         with ThreadPoolExecutor(4) as pool:
             assert set(pool.map(lambda _: sandbox.layer(), range(8))) == {"process"}
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     finally:
         sandbox._detected.cache_clear()
+
+
+# issue #24 item 7: holes found by an adversarial review
+
+@pytest.fixture
+def forking(monkeypatch):
+    """Lets the sandboxed process start processes, as it may where a cgroup bounds their memory
+    together; where none does (the rlimit budget), it may start none, which would close these
+    holes before the harness is reached."""
+    monkeypatch.setattr(sandbox, "_single_process", lambda: False, raising=False)
+
+
+def _guarded(code):
+    """`code` raises if it got what it tried; OSError (refused) leaves f to return the sum."""
+    return "try:\n" + textwrap.indent(code, "    ") + "\nexcept OSError:\n    pass\nreturn sum(args)"
+
+
+USERNS = {
+    "libc unshare(CLONE_NEWUSER)": (
+        "import ctypes\nif ctypes.CDLL(None, use_errno=True).unshare(0x10000000) == 0:\n"
+        "    raise RuntimeError('a user namespace')"),
+    "unshare, then a 128 MiB tmpfs": (
+        "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        "if libc.unshare(0x10000000 | 0x20000) == 0 and libc.mount(b'none', b'/tmp', b'tmpfs', 0, b'size=128m') == 0:\n"
+        "    raise RuntimeError('a tmpfs of its own')"),
+    "raw clone(CLONE_NEWUSER)": (
+        "import ctypes\nnr = {'x86_64': 56, 'aarch64': 220}[os.uname().machine]\n"
+        "pid = ctypes.CDLL(None, use_errno=True).syscall(ctypes.c_long(nr), ctypes.c_long(0x10000000 | 17),"
+        " *[ctypes.c_long(0)] * 4)\nif pid == 0:\n    os._exit(0)\nif pid > 0:\n    os.waitpid(pid, 0)\n"
+        "    raise RuntimeError('a process in a user namespace')"),
+    "unshare -Ur (util-linux)": (
+        "import subprocess\nif subprocess.run(['unshare', '-Ur', 'true']).returncode == 0:\n"
+        "    raise RuntimeError('a user namespace')"),
+    "os.unshare": "if hasattr(os, 'unshare'):\n    os.unshare(os.CLONE_NEWUSER)\n    raise RuntimeError('a user namespace')",
+}
+
+
+@pytest.mark.parametrize("route", USERNS)
+def test_no_nested_user_namespace(layer, route, forking):
+    assert judge(layer, {route: _guarded(USERNS[route])})[route] == {"passed": True, "result": "passed"}
+
+
+THREE_HOGS = '''
+import select, time
+size, (r, w), kids, reported, ended = int(1.2 * (1 << 30)), os.pipe(), [], set(), set()
+for i in range(3):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        try:
+            block = b"x" * size  # written, so resident
+            os.write(w, str(i).encode())
+            time.sleep(5)
+        finally:
+            os._exit(0)
+    kids.append(pid)
+def done(kid):
+    if kid not in ended and os.waitpid(kid, os.WNOHANG)[0]:
+        ended.add(kid)
+    return kid in ended
+deadline = time.monotonic() + 8
+while len(reported | ended) < len(kids) and time.monotonic() < deadline:
+    if select.select([r], [], [], 0.1)[0]:
+        reported |= {kids[int(c)] for c in os.read(r, 3).decode()}
+    for kid in kids:
+        done(kid)
+alive = sum(not done(kid) for kid in reported)  # holding 1.2 GiB each, at once
+for kid in kids:
+    with contextlib.suppress(OSError):
+        os.kill(kid, signal.SIGKILL)
+return alive
+'''
+
+
+def test_three_processes_of_1_2_gib_cannot_all_live_at_once(layer):
+    test = "def check(candidate):\n    alive = candidate()\n    assert alive < 3, f'{alive} of 3 alive at once'\n"
+    assert judge(layer, {"hogs": THREE_HOGS}, timeout=12.0, test=test)["hogs"] == {
+        "passed": True, "result": "passed"}
+
+
+HOLDER = '''
+if os.fork() == 0:
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            for pid in ["self"] + ancestors():
+                with contextlib.suppress(OSError):
+                    for fd in os.listdir(f"/proc/{pid}/fd"):
+                        with contextlib.suppress(OSError):
+                            os.set_inheritable(os.open(f"/proc/{pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK), True)
+            os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", "import time; time.sleep(60)", TOKEN])
+    finally:
+        os._exit(0)
+time.sleep(0.5)
+class Colliding(set):  # the judge builds this set in O(n^2): every element's hash is 0
+    def __iter__(self):
+        return iter([i * ((1 << 61) - 1) for i in range(1, 100_000)])
+return Colliding()
+'''
+
+
+def test_a_busy_judge_and_a_held_pipe_do_not_hold_the_harness(layer, forking):
+    token = uuid.uuid4().hex
+    start = time.monotonic()
+    result = judge(layer, {"held": "import time\n" + HOLDER}, timeout=1.0, TOKEN=token)["held"]
+    elapsed = time.monotonic() - start
+    assert result == {"passed": False, "result": "timed out"}
+    assert elapsed < 1.0 + sandbox.GRACE + 2.0, elapsed
+    assert processes_with(token) == []
+
+
+def descendants(root):
+    """{pid: start time} of the processes under `root`."""
+    parents = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            parents[int(pid)] = int(fields[1]), fields[19]
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, (ppid, start) in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = start
+                frontier.append(pid)
+    return found
+
+
+def alive(pid, start):
+    with contextlib.suppress(OSError, IndexError):
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[19] == start and fields[0] not in "ZX"
+    return False
+
+
+def test_nothing_outlives_a_killed_harness(layer):
+    import signal
+    import subprocess
+    import sys
+    if layer == "bwrap" and sandbox.layer() != sandbox.BWRAP:
+        pytest.skip("bubblewrap does not run here")
+    token = uuid.uuid4().hex
+    code = ("import os, sys\ndef f(*args):\n    if os.fork() == 0:\n        os.setsid()\n"
+            "        os.execv(sys.executable, [sys.executable, '-I', '-S', '-c', 'import time; time.sleep(60)', "
+            f"{token!r}])\n    while True:\n        pass\n")
+    harness = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.dirname(os.path.dirname(sandbox.__file__))!r})
+        from demask import sandbox
+        if {layer!r} == "process":
+            sandbox.layer = lambda: "process"
+        sandbox._single_process = lambda: False
+        sandbox.check(sys.stdin.read(), "def f(*args):\\n    pass\\n", {TEST!r}, "f", timeout=30.0)
+        """)], stdin=subprocess.PIPE, text=True)
+    harness.stdin.write(code)  # not in its command line, where processes_with(token) would find it
+    harness.stdin.close()
+    try:
+        deadline = time.monotonic() + 20
+        while not processes_with(token) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_with(token), "the generated code did not start"
+        tree = descendants(harness.pid)
+        limits = []
+        for pid in tree:
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().split(b"\0")[3:5] != [sandbox.HERE.encode(), b"judge"]:
+                        continue
+                with open(f"/proc/{pid}/limits") as f:
+                    limits += [line.split()[3] for line in f if line.startswith("Max cpu time")]
+        harness.send_signal(signal.SIGKILL)
+        harness.wait()
+        deadline = time.monotonic() + 3
+        while (left := [p for p, s in tree.items() if alive(p, s)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == [] and processes_with(token) == []
+        assert limits and "unlimited" not in limits, limits  # the judge has a CPU-time limit
+    finally:
+        harness.kill()
+        for pid in processes_with(token):
+            with contextlib.suppress(OSError):
+                os.kill(int(pid), signal.SIGKILL)
+
+
+def test_the_layer_is_described():
+    description = sandbox.layer_description()
+    assert description.startswith(sandbox.layer())
+    assert "userns" in description and "user:" in description and "memory:" in description
