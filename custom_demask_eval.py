@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -70,6 +71,13 @@ class DemaskDecoder:
     Every row of the batch works on its own earliest unfinished block.
     """
     batched = True
+    # How runs and the report name and describe this class (docs/decoders.md): without a `name` the
+    # report calls each version of this region default@<code hash> (date); give a variant its own.
+    # name = "my_rule"
+    method_type = "adaptive"
+    representative_param = "conf_threshold"
+    position_score = "confidence"
+    summary = "KL-stable and confident positions, else schedule top-k (KLASS, LLaDA version)"
 
     def __init__(self, mask_id, temperature=0.0, conf_threshold=0.9, kl_threshold=0.01, history_length=2):
         self.mask_id = mask_id
@@ -127,9 +135,7 @@ class DemaskDecoder:
 # --- EDITABLE REGION END ---
 
 
-register_method("default", DemaskDecoder, method_type="adaptive", representative_param="conf_threshold",
-                position_score="confidence", summary="the editable DemaskDecoder (ships as KLASS, LLaDA version)",
-                reference="this file's editable region")
+register_method("default", DemaskDecoder, reference="this file's editable region")  # described by the class
 
 
 def editable_region_source():
@@ -252,17 +258,17 @@ def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
             generations, counted, reported = decode_batch(run, lm, decoder, batch, seed, traces)
             texts, stopped, verdicts = judge_batch(lm, task, batch, generations)
             seconds = (time.time() - start) / len(batch)
-            if reported != counted and not warned:
+            mismatch = steps_mismatch(decoder, counted, reported)
+            if any(mismatch) and not warned:
                 warned = True
-                print(f"warning: decoder reported {reported[0]} steps but {counted[0]} forwards were counted "
-                      f"(sample {batch[0]['id']}); avg_steps uses the counted value", file=sys.stderr)
+                print(mismatch_warning(decoder, counted, reported, batch, mismatch), file=sys.stderr)
 
             # write each record durably before it counts
-            for s, text, stop, steps, said, verdict, traced in zip(batch, texts, stopped, counted, reported, verdicts,
-                                                                   traces):
+            for s, text, stop, steps, said, differs, verdict, traced in zip(batch, texts, stopped, counted, reported,
+                                                                            mismatch, verdicts, traces):
                 record = dict(id=s["id"], prompt=s.get("prefix") or s["messages"][-1]["content"], generation=text,
-                              stopped=stop, **verdict, steps=steps, reported_steps=said, seed=seed,
-                              seconds=round(seconds, 4), trace=traced)
+                              stopped=stop, **verdict, steps=steps, reported_steps=said, steps_mismatch=differs,
+                              seed=seed, seconds=round(seconds, 4), trace=traced)
                 out.write(json_line(record))
                 out.flush()
                 os.fsync(out.fileno())
@@ -273,19 +279,48 @@ def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
     return records
 
 
+def steps_mismatch(decoder, counted, reported):
+    """Per sample, whether the decoder's used_steps differs from the counted forwards, like with
+    like: a batched decoder reports one number for its batch, compared with the batch's largest
+    count; a batch-1 decoder reports per sample."""
+    if getattr(decoder, "batched", False):
+        return [reported[0] != max(counted)] * len(counted)
+    return [said != steps for said, steps in zip(reported, counted)]
+
+
+def mismatch_warning(decoder, counted, reported, batch, mismatch):
+    i = mismatch.index(True)
+    if getattr(decoder, "batched", False):
+        found = f"{max(counted)} forwards were counted for its longest sample (batch of sample {batch[0]['id']})"
+    else:
+        found = f"{counted[i]} forwards were counted (sample {batch[i]['id']})"
+    return f"warning: decoder reported {reported[i]} steps but {found}; avg_steps uses the counted forwards"
+
+
 def summarize(run, task, records, run_dir, lm, started):
     metrics, details = task.final_metrics(records, run, lm.device)
     metrics["avg_steps"] = float(np.mean([r["steps"] for r in records]))
     metrics["n_samples"] = float(len(records))
-    summary = dict(label=run.label, decoder=run.decoder, fingerprint=run.fingerprint, config=run.to_json(),
+    traces = [r["trace"] for r in records if "trace" in r]
+    improbable = trajectories.improbable_commits(traces)
+    if improbable is not None and improbable > IMPROBABLE_WARNING:
+        print(f"warning: {100 * improbable:.1f}% of the committed tokens had probability < "
+              f"{trajectories.IMPROBABLE:g} under the logits before their commit, or none was returned "
+              "(summary.json improbable_commits; see docs/decoders.md)", file=sys.stderr)
+    summary = dict(label=run.label, decoder=run.decoder, fingerprint=run.fingerprint, code=decoder_code(run),
+                   config=run.to_json(),
                    metrics=metrics, avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])),
-                   n_steps_mismatch=sum(r["reported_steps"] != r["steps"] for r in records),
-                   order=trajectories.order_summary([r["trace"] for r in records if "trace" in r]), details=details,
+                   n_steps_mismatch=sum(r.get("steps_mismatch", r["reported_steps"] != r["steps"]) for r in records),
+                   improbable_commits=improbable,
+                   order=trajectories.order_summary(traces), details=details,
                    environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(run),
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return metrics
+
+
+IMPROBABLE_WARNING = 0.05  # the share of improbable commits above which a run warns
 
 
 def distributed():
@@ -302,10 +337,11 @@ def distributed():
 
 
 def shared_run_dir(args, run, world):
-    """The run directory (`<decoder>-<hash8>-<timestamp>`), named by rank 0 and shared with the others."""
+    """The run directory (`<name>-<hash8>-<timestamp>`, name: the decoder class's `name`, else the
+    registry name), named by rank 0 and shared with the others."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     name = args.resume or os.path.join(args.results_dir, run.label,
-                                       f"{run.decoder}{kvcache.tag(run)}-{run.fingerprint[:8]}-{stamp}")
+                                       f"{decoder_name(run)}{kvcache.tag(run)}-{run.fingerprint[:8]}-{stamp}")
     if world > 1:
         import torch.distributed as dist
         box = [name]
@@ -332,6 +368,7 @@ def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=Tru
         if "prompt_ids" not in s:
             s["prompt_ids"] = encode_prompt(lm, s)
     decoder = build_decoder(run.decoder, lm.mask_id, run, run.decoder_args)
+    lm.renew_decoder_tokenizer()  # what an earlier configuration's decoder did to its copy stays there
     run_eval(run, lm, decoder, task, samples, run_dir, rank, world)
     if world > 1:
         torch.distributed.barrier()
@@ -339,6 +376,8 @@ def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=Tru
     if rank == 0:
         records = merge_samples(run_dir, {s["id"] for s in samples})
         metrics = summarize(run, task, records, run_dir, lm, started)
+        if show:
+            print(f"decoder: {decoder_name(run)} ({run.decoder}, fingerprint {run.fingerprint[:8]})", file=sys.stderr)
         for name, value in metrics.items():
             if show:
                 print(f"{name}_{run.label}: {value:.4f}")
@@ -367,12 +406,47 @@ def decoder_source(cls):
 
 def decoder_fingerprint(run):
     """sha256 (16 hex) of the decoder's source, its registry entry, its resolved arguments and the
-    --cache mode (for a cached run only)."""
+    --cache mode (for a cached run only): what the report groups runs by."""
     info = DECODERS[run.decoder]
     accepted = inspect.signature(info.cls.__init__).parameters
     arguments = {k: v for k, v in run.decoder_settings().items() if k in accepted}
     arguments.update(info.fixed, **run.decoder_args)
     text = decoder_source(info.cls) + json.dumps(arguments, sort_keys=True, default=str) + kvcache.tag(run)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def decoder_code(run):
+    """sha256 (16 hex) of the decoder's source alone: the version of its code, whatever its arguments
+    (summary.json's `code`; the report's decoder families follow it, the fingerprint also covers the
+    arguments and the --cache mode)."""
+    return hashlib.sha256(decoder_source(DECODERS[run.decoder].cls).encode()).hexdigest()[:16]
+
+
+def decoder_name(run):
+    """How run directories and messages name the decoder: its class's `name`, else the registry name."""
+    return (run.decoder_info or {}).get("name") or run.decoder
+
+
+def harness_files():
+    """The source files a run executes: this script, utils.py and every module of the package."""
+    package = os.path.join(REPO, "demask")
+    modules = sorted(os.path.join(package, name) for name in os.listdir(package) if name.endswith(".py"))
+    return [os.path.abspath(__file__), os.path.join(REPO, "utils.py"), *modules]
+
+
+def code_digest(paths):
+    """sha256 of the files' names (relative to the repository; the entry script by its name) and texts."""
+    digest = hashlib.sha256()
+    for path in paths:
+        name = os.path.relpath(path, REPO) if path.startswith(REPO + os.sep) else os.path.basename(path)
+        digest.update(name.encode() + b"\0" + open(path, "rb").read() + b"\0")
+    return digest.hexdigest()
+
+
+def run_fingerprint(run):
+    """sha256 (16 hex) of all the code that ran (harness_files and the plugin files) and the
+    decoder's fingerprint: any edit of the code makes another run, which --resume refuses to mix."""
+    text = code_digest(harness_files()) + code_digest(sorted(PLUGIN_FILES.values())) + run.decoder_fingerprint
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 # ---------------------------------------------------------------------------
@@ -419,7 +493,7 @@ def sweep_run_name(run, overrides, without=()):
     configuration (decoder fingerprint and limit included; device, plugins and `without` excluded)."""
     stable = {k: v for k, v in run.to_json().items() if k not in ("device", "plugins", *without)}
     digest = hashlib.sha1(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    parts = [run.decoder + kvcache.tag(run)] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
+    parts = [decoder_name(run) + kvcache.tag(run)] + [f"{k}={v}" for k, v in overrides.items()] + [digest]
     return re.sub(r"[^\w.=+-]", "_", "-".join(parts))
 
 
@@ -442,6 +516,7 @@ def sweep_variant(base, decoder, overrides):
                 changes[key] = SWEEP_RUN_KEYS[key](value)
             except (TypeError, ValueError):
                 fail(f"--sweep: {key}={value!r} is not a valid {SWEEP_RUN_KEYS[key].__name__}")
+            check_value(f"--sweep {key}", key, changes[key])
     decoder_args = {k: v for k, v in overrides.items() if k not in SWEEP_RUN_KEYS}
     return resolve(base.replace(decoder=decoder, decoder_args=decoder_args, **changes))
 
@@ -592,13 +667,20 @@ def seed_list(text):
 
 
 def check_ranges(args):
-    for name, _, low, high, open_low in NUMERIC_FLAGS:
-        value = getattr(args, name)
-        if value is None:
-            continue
-        if (value <= low if open_low else value < low) or (high is not None and value > high):
-            bounds = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            fail(f"--{name} {value}: must be {bounds}")
+    for name, *_ in NUMERIC_FLAGS:
+        check_value(f"--{name}", name, getattr(args, name))
+
+
+def check_value(flag, name, value):
+    """A numeric run setting inside its NUMERIC_FLAGS bounds and finite, else a usage error."""
+    bounds = {name: (low, high, open_low) for name, _, low, high, open_low in NUMERIC_FLAGS}
+    if value is None or name not in bounds:
+        return
+    low, high, open_low = bounds[name]
+    if not math.isfinite(value):
+        fail(f"{flag} {value}: must be a finite number")
+    if (value <= low if open_low else value < low) or (high is not None and value > high):
+        fail(f"{flag} {value}: must be {'>' if open_low else '>='} {low}" + (f" and <= {high}" if high is not None else ""))
 
 
 def parse_decoder_args(text):
@@ -670,7 +752,8 @@ def resolve(run):
     except ValueError as e:
         fail(str(e))
     run = run.replace(decoder_info=describe_decoder(run.decoder, decoder, run))
-    return run.replace(fingerprint=decoder_fingerprint(run))
+    run = run.replace(decoder_fingerprint=decoder_fingerprint(run))
+    return run.replace(fingerprint=run_fingerprint(run))
 
 
 RESUME_FLAGS = ("label", "model_path", "decoder", "decoder_args", "scorer", "sweep", "plugin", "cache",
@@ -694,7 +777,7 @@ def resume_settings(args):
     load_plugins(stored.get("plugins"))
     if args.device:
         check_device(args.device)
-    now = resolve(run.replace(device=args.device, decoder_info=None, fingerprint=None)).to_json()
+    now = resolve(run.replace(device=args.device, decoder_info=None, decoder_fingerprint=None, fingerprint=None)).to_json()
     differs = [k for k in sorted(set(now) | set(stored)) if k != "device" and now.get(k) != stored.get(k)]
     if differs:
         what = "; ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differs[:3])

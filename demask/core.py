@@ -6,7 +6,9 @@ knows about run directories, labels or the command line. `decode_batch` is the o
 run: its model handle counts each forward per sample and hands every input and the returned x to a
 `RuleChecker`.
 """
-from types import SimpleNamespace
+import contextlib
+import copy
+from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
 import torch
@@ -37,6 +39,11 @@ class DiffusionLM:
         self.vocab_size = self.net.parts()[3].out_features
         self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
         self.forward, self.cache_forwards = networks.network_forwards(self.net, self.device, graphed)
+        self.renew_decoder_tokenizer()
+
+    def renew_decoder_tokenizer(self):
+        """A fresh copy of the tokenizer for the decoders' handles (the judge keeps its own)."""
+        self.decoder_tokenizer = copy.deepcopy(self.tokenizer)
 
     def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
         """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel."""
@@ -75,13 +82,18 @@ def stop_ids(config, pad_id, tokenizer):
 class DecoderModel:
     """What a decoder calls for one batch: model(x, attention_mask=None, query_idx=None,
     positions=None).logits, plus the documented attributes. Forwards are counted and checked
-    here, by state the decoder cannot reach by attribute (the slots hold only what is documented)."""
+    here, by state the decoder cannot reach by attribute (the slots hold only what is documented).
+    The attributes are copies: stop_ids a tuple, config a read-only copy per batch, the tokenizer
+    the DiffusionLM's decoder copy (renewed per configuration), so that changing them reaches
+    neither the judge nor another configuration of a sweep."""
     __slots__ = ("device", "mask_id", "stop_ids", "tokenizer", "config", "family", "n_tokens", "vocab_size",
                  "_call")
 
     def __init__(self, lm, call):
+        copies = dict(stop_ids=tuple(lm.stop_ids), config=MappingProxyType(copy.deepcopy(lm.config)),
+                      tokenizer=lm.decoder_tokenizer)
         for name in self.__slots__[:-1]:
-            object.__setattr__(self, name, getattr(lm, name))
+            object.__setattr__(self, name, copies.get(name, getattr(lm, name)))
         object.__setattr__(self, "_call", call)
 
     def __setattr__(self, name, value):
@@ -101,23 +113,24 @@ def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
     padded = None if bool(prompt_mask.all()) else prompt_mask.to(lm.device)
 
     def call(x, attention_mask, query_idx, positions):
-        if not torch.is_tensor(x):
-            raise RuleViolation(f"rule 'forward input' broken for sample {checker.ids[0]}: model() got "
-                                f"{type(x).__name__}, expected a tensor of token ids")
-        x = x.to(lm.device)
-        checker(x)
-        live = (x == lm.mask_id).any(1).view(-1, B).any(0)  # the checker admits only k*B rows
-        counted = (x.shape[0] // B) * (live if bool(live.any()) else torch.ones_like(live)).long().cpu()
+        x = checker.plain(x, "forward input", "model()'s input")
+        counted = checker(x)
+        R, T = x.shape
+        attention_mask, query_idx, positions = (
+            None if t is None else checker.plain(t, "forward input", f"model()'s {name}", rows=R, integer=integer)
+            for t, name, integer in ((attention_mask, "attention_mask", False), (query_idx, "query_idx", True),
+                                     (positions, "positions", True)))
+        if query_idx is not None and ((query_idx < 0) | (query_idx >= T)).any():
+            checker.violation("forward input", 0, f"query_idx holds positions outside [0, {T})")
         nfe.add_(counted)
         if recorder is not None:
             recorder.forward(x, counted)
         if attention_mask is not None:
-            key_mask = attention_mask.to(lm.device).bool()
+            key_mask = attention_mask.bool()
         elif padded is not None:
             key_mask = F.pad(padded.repeat(x.shape[0] // B, 1), (0, x.shape[1] - P), value=True)
         else:
             key_mask = None
-        query_idx = None if query_idx is None else query_idx.to(lm.device)
         logits = lm.logits(x, key_mask, positions, query_idx, cache)
         if recorder is not None:
             recorder.returned(logits, query_idx, x.shape[1])
@@ -139,25 +152,53 @@ def load_model(path_or_id, device=None, dtype=None, graphed=True):
 
 
 class RuleChecker:
-    """Checks a decode of one batch: shape, integer ids inside the vocabulary, prompt unchanged, no
-    mask left, committed tokens never change (unless the decoder declares `remasks = True`), blocks
-    in order (positions committed between two forwards, or between the last forward and the result,
-    lie in the earliest block that still had masks at the earlier forward), and progress (a row with
-    masks left whose generation has not changed for `patience` forwards is stopped)."""
+    """Checks a decode of one batch, from the prompt + all-mask state on: shape, integer ids inside
+    the vocabulary, prompt unchanged, no mask left, committed tokens never change (unless the
+    decoder declares `remasks = True`), blocks in order (positions committed between two states,
+    the start, each forward's input and the result, lie in the earliest block that still had masks
+    in the earlier one), progress (a row with masks left whose generation has not changed for
+    `patience` forwards is stopped), a budget of forwards per sample (remasking decoders that make
+    no net progress) and at least one forward per sample. It checks plain copies (`plain`) of what
+    the decoder hands over, so no method of the decoder's objects runs in a check."""
 
     def __init__(self, sample_ids, input_ids, gen_length, steps, block_length, mask_id, vocab_limit, remasks):
-        self.ids, self.prompt, self.gen_length, self.block_length = sample_ids, input_ids, gen_length, block_length
+        self.ids, self.prompt, self.gen_length, self.block_length = sample_ids, input_ids.clone(), gen_length, block_length
         self.mask_id, self.vocab_limit, self.remasks = mask_id, vocab_limit, remasks
         self.shape = (input_ids.shape[0], input_ids.shape[1] + gen_length)
         self.patience = gen_length + steps
-        self.previous, self.idle = None, torch.zeros(input_ids.shape[0], dtype=torch.long)
+        self.budget = 4 * max(steps, gen_length)
+        self.previous = F.pad(self.prompt, (0, gen_length), value=mask_id)  # the start state
+        self.idle = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        self.forwards = torch.zeros(input_ids.shape[0], dtype=torch.long)
+        self.broken = None
 
     def violation(self, rule, rows, detail):
+        """Raise the broken rule; it stays broken (a decoder that catches it meets it again at its
+        next forward and at the end)."""
         row = int(rows.nonzero()[0, 0]) if torch.is_tensor(rows) else rows
-        raise RuleViolation(f"rule '{rule}' broken for sample {self.ids[row]}: {detail}")
+        self.broken = RuleViolation(f"rule '{rule}' broken for sample {self.ids[row]}: {detail}")
+        raise self.broken
+
+    def plain(self, value, rule, what, rows=None, integer=True):
+        """A copy of a tensor the decoder handed over, as a plain torch.Tensor on the model's device:
+        tensor subclasses are refused (their methods could answer the checks), and a copy carries
+        none of the instance's attributes."""
+        if type(value) is not torch.Tensor:
+            kind = "a torch.Tensor subclass " if isinstance(value, torch.Tensor) else ""
+            self.violation(rule, 0, f"{what} is {kind}{type(value).__name__}; expected a plain torch.Tensor")
+        value = torch.Tensor.clone(torch.Tensor.to(value, self.prompt.device))
+        if integer and value.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            self.violation(rule, 0, f"{what} must hold integers, got dtype {value.dtype}")
+        if rows is not None and (value.dim() != 2 or value.shape[0] != rows):
+            self.violation(rule, 0, f"{what} has shape {list(value.shape)}; expected [{rows}, ...]")
+        return value.long() if integer else value
 
     def __call__(self, x):
+        """Check one forward's input (a plain copy); returns the forwards it counts per sample: k for
+        a call of k*B rows, for every sample with a mask left (for all when none has one)."""
         B, T = self.shape
+        if self.broken:
+            raise self.broken
         if x.dim() != 2 or x.shape[1] != T or x.shape[0] % B:
             self.violation("forward shape", 0, f"model() got input {list(x.shape)}; expected [{B}, {T}] "
                            f"(or [k*{B}, {T}] for guidance rows)")
@@ -168,23 +209,34 @@ class RuleChecker:
                            "rows i + k*B of a forward must hold sample i's generation")
         state = x[:B]
         self.check_prompt(state)
-        if self.previous is not None:
-            self.check_transition(self.previous, state)
+        self.check_transition(self.previous, state)
+        if self.forwards.any():
             self.check_progress(self.previous, state)
-        self.previous = state.detach().clone()
+        self.previous = state.clone()
+        live = (state[:, -self.gen_length:] == self.mask_id).any(1).cpu()
+        counted = (x.shape[0] // B) * (live if bool(live.any()) else torch.ones_like(live)).long()
+        self.forwards += counted
+        if (self.forwards > self.budget).any():
+            self.violation("forward budget", self.forwards > self.budget,
+                           f"more than {self.budget} forwards (4 x max(steps, gen_length))")
+        return counted
 
     def finish(self, x):
-        if not torch.is_tensor(x) or tuple(x.shape) != self.shape:
-            self.violation("output shape", 0, f"expected {list(self.shape)}, got "
-                           f"{list(x.shape) if torch.is_tensor(x) else type(x).__name__}")
+        if self.broken:
+            raise self.broken
+        x = self.plain(x, "decoder returns (x, used_steps)", "x")
+        if tuple(x.shape) != self.shape:
+            self.violation("output shape", 0, f"expected {list(self.shape)}, got {list(x.shape)}")
+        if (self.forwards == 0).any():
+            self.violation("no forward", self.forwards == 0, "the generation was produced without calling the model")
         self.check_ids(x, "valid token ids")
         self.check_prompt(x)
-        if self.previous is not None:
-            self.check_transition(self.previous, x)
+        self.check_transition(self.previous, x)
         gen = x[:, -self.gen_length:]
         left = gen == self.mask_id
         if left.any():
             self.violation("no mask left", left.any(1), f"{int(left.sum())} mask tokens remain in the generation")
+        return x
 
     def check_ids(self, x, rule):
         if x.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -195,7 +247,7 @@ class RuleChecker:
             self.violation(rule, rows, f"ids outside the vocabulary of {self.vocab_limit} tokens")
 
     def check_prompt(self, x):
-        changed = (x[:, :self.prompt.shape[1]] != self.prompt.to(x.device)).any(1)
+        changed = (x[:, :self.prompt.shape[1]] != self.prompt).any(1)
         if changed.any():
             self.violation("prompt unchanged", changed, "the decoder wrote into the prompt")
 
@@ -243,37 +295,69 @@ def cut_at_stop(ids, stop_ids):
     return ids, False
 
 
-def checked_output(result, sample_id, device):
-    """The decoder's (x, used_steps), or a RuleViolation naming what it returned instead."""
-    if not (isinstance(result, tuple) and len(result) == 2):
+class DecoderError(RuleViolation):
+    """The decoder raised an exception while decoding a sample."""
+
+
+def checked_output(result, sample_id):
+    """The decoder's (x, used_steps) with used_steps as an int, or a RuleViolation naming what it
+    returned instead (x itself is checked by RuleChecker.finish)."""
+    rule = f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}"
+    if not (type(result) is tuple and len(result) == 2):
         got = type(result).__name__ + (f" of {len(result)}" if isinstance(result, tuple) else "")
-        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: got {got}")
+        raise RuleViolation(f"{rule}: got {got}")
     x, steps = result
-    if not torch.is_tensor(x) or x.device.type != torch.device(device).type:
-        where = f"a tensor on {x.device}" if torch.is_tensor(x) else type(x).__name__
-        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: x is {where}, "
-                            f"expected a tensor on {device}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) and not (
-            torch.is_tensor(steps) and steps.numel() == 1 and not steps.is_floating_point()):
-        raise RuleViolation(f"rule 'decoder returns (x, used_steps)' broken for sample {sample_id}: used_steps is "
-                            f"{type(steps).__name__}, expected an int")
+    plain_int = type(steps) is int or isinstance(steps, np.integer) or (
+        type(steps) is torch.Tensor and steps.numel() == 1 and not steps.is_floating_point() and steps.dtype != torch.bool)
+    if not plain_int:
+        raise RuleViolation(f"{rule}: used_steps is {type(steps).__name__}, expected an int")
     return x, int(steps)
+
+
+@contextlib.contextmanager
+def torch_state():
+    """Restores what a decoder may change of torch's global state: default dtype, grad mode,
+    deterministic algorithms, float32 matmul precision, cuDNN flags and the random generators
+    (so that draws outside the seeded decode do not depend on the decoder)."""
+    saved = (torch.get_default_dtype(), torch.is_grad_enabled(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.get_float32_matmul_precision(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        yield
+    finally:
+        dtype, grad, deterministic, warn_only, precision, cudnn_det, cudnn_bench, rng, cuda_rng = saved
+        torch.set_default_dtype(dtype)
+        torch.set_grad_enabled(grad)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, cudnn_bench
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
 
 
 def decode_rows(run, lm, decoder, input_ids, prompt_mask, sample_ids, traces=None):
     """One decode of rows that form one call of the decoder, under the rule checks; returns the
     generations [B, gen_length], the counted forwards per row and the reported steps. `run`: the
     RunSettings (gen_length, steps, block_length, cache). With a list `traces`, each row's trace
-    (trajectories.py) is appended to it."""
+    (trajectories.py) is appended to it. The decoder gets a copy of input_ids; an exception it
+    raises becomes a DecoderError naming the sample."""
     G = run.gen_length
     checker = RuleChecker(sample_ids, input_ids.to(lm.device), G, run.steps, run.block_length,
                           lm.mask_id, lm.n_tokens, getattr(decoder, "remasks", False))
     nfe = torch.zeros(len(sample_ids), dtype=torch.long)
     recorder = None if traces is None else trajectories.Recorder(len(sample_ids), G, lm.mask_id)
     model = batch_model(lm, prompt_mask, checker, nfe, recorder, kvcache.for_batch(run, lm, input_ids.shape[1]))
-    result = decoder.decode(model, input_ids, G, run.steps, run.block_length)
-    x, reported = checked_output(result, sample_ids[0], lm.device)
-    checker.finish(x)
+    try:
+        result = decoder.decode(model, input_ids.clone(), G, run.steps, run.block_length)
+    except RuleViolation:
+        raise
+    except Exception as e:
+        raise DecoderError(f"decoder raised {type(e).__name__} on sample {sample_ids[0]}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    x, reported = checked_output(result, sample_ids[0])
+    x = checker.finish(x)
     if recorder is not None:
         traces.extend(recorder.finish(x))
     return x[:, -G:].tolist(), nfe.tolist(), reported
@@ -284,7 +368,12 @@ def decode_batch(run, lm, decoder, batch, seed, traces=None):
     time with that row's unpadded prompt (decoders written for batch 1, like LLaDA's generate.py).
     Returns generations, counted forwards per sample and reported steps per sample; with a list
     `traces`, the samples' traces are appended to it in batch order."""
-    torch.manual_seed(seed)
+    with torch_state():
+        torch.manual_seed(seed)
+        return decode_each(run, lm, decoder, batch, traces)
+
+
+def decode_each(run, lm, decoder, batch, traces):
     prompts = [s["prompt_ids"] for s in batch]
     if getattr(decoder, "batched", False):
         input_ids, prompt_mask = left_pad(prompts, lm.pad_id)

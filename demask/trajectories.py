@@ -153,6 +153,21 @@ def order_summary(traces):
                 n_traces=len(traces), n_order_undefined=sum(math.isnan(p[0]) for p in pairs))
 
 
+IMPROBABLE = 1e-4
+
+
+def improbable_commits(traces, floor=IMPROBABLE):
+    """The share of final generated tokens whose probability under the logits of the forward that
+    preceded their commit was below `floor`, or is unknown: the position was not returned by that
+    forward, the decoder changed those logits in place, or the token was written before the first
+    forward. None without traces. A warning, not a rule: guidance and remasking decoders can commit
+    such tokens honestly."""
+    confidences = [c for t in traces for c in t["confidence"]]
+    if not confidences:
+        return None
+    return sum(c is None or c < floor for c in confidences) / len(confidences)
+
+
 # ---------------------------------------------------------------------------
 # Reading
 

@@ -102,8 +102,9 @@ def test_edited_region_is_a_new_run_for_sweeps_resume_and_report(tmp_path, tiny_
     out = run_cli("report", str(results), script=second)
     assert out.returncode == 0, out.stderr
     board = (results / "report.md").read_text()
-    rows = [line for line in board.splitlines() if line.startswith("| default `")]
-    assert len(rows) == 2 and len({row.split("`")[1] for row in rows}) == 2
+    leaderboard = board.split("### Leaderboard (accuracy labels)")[1].split("\n### ")[0]
+    rows = [line for line in leaderboard.splitlines() if line.startswith("| default@")]
+    assert len(rows) == 2 and len({row.split(" | ")[0] for row in rows}) == 2  # default@<code hash> (date)
 
 
 @pytest.mark.parametrize("flag", [["--decoder", "klass"], ["--steps", "4"], ["--limit", "1"], ["--label", "tiny-math"]])
