@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demask import REPO, kvcache, report, trajectories
+from demask import REPO, kvcache, report, sandbox, trajectories
 from demask import policy  # noqa: F401 (registers the policy decoder)
 # Re-exported for pasted decoders, plugins and tools, which import them from this module.
 from demask.core import (DecoderModel, DiffusionLM, RuleChecker, RuleViolation, batch_model,  # noqa: F401
@@ -311,7 +311,7 @@ def summarize(run, task, records, run_dir, lm, started):
                    config=run.to_json(),
                    metrics=metrics, avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])),
                    n_steps_mismatch=sum(r.get("steps_mismatch", r["reported_steps"] != r["steps"]) for r in records),
-                   improbable_commits=improbable,
+                   improbable_commits=improbable, sandbox=run.sandbox,
                    order=trajectories.order_summary(traces), details=details,
                    environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(run),
                    wall_seconds=round(time.time() - started, 2))
@@ -746,7 +746,8 @@ def resolve(run):
         fail(f"steps {S} is not divisible by the number of blocks {G // L}")
     check_model_path(run.model)
     run = run.replace(batch_size=run.batch_size or default_batch_size(run.decoder, run.device),
-                      plugins=tuple(sorted(PLUGIN_FILES.values())))
+                      plugins=tuple(sorted(PLUGIN_FILES.values())),
+                      sandbox=sandbox.layer_description() if TASKS[run.task].runs_code else None)
     try:
         decoder = build_decoder(run.decoder, 0, run, run.decoder_args)
     except ValueError as e:
@@ -777,7 +778,8 @@ def resume_settings(args):
     load_plugins(stored.get("plugins"))
     if args.device:
         check_device(args.device)
-    now = resolve(run.replace(device=args.device, decoder_info=None, decoder_fingerprint=None, fingerprint=None)).to_json()
+    now = resolve(run.replace(device=args.device, decoder_info=None, decoder_fingerprint=None, fingerprint=None,
+                              sandbox=None)).to_json()
     differs = [k for k in sorted(set(now) | set(stored)) if k != "device" and now.get(k) != stored.get(k)]
     if differs:
         what = "; ".join(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}" for k in differs[:3])

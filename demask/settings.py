@@ -41,6 +41,7 @@ class RunSettings:
     device: Optional[str] = None
     cache: str = "none"
     plugins: tuple = ()
+    sandbox: Optional[str] = None  # what confines generated code (tasks that run it), sandbox.layer_description()
     decoder_info: Optional[dict] = None
     decoder_fingerprint: Optional[str] = None  # the decoder's code and arguments (the report's grouping)
     fingerprint: Optional[str] = None          # all the code that ran and the decoder's fingerprint

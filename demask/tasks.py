@@ -79,6 +79,7 @@ def unique_ids(samples, path):
 class MathTask:
     """MATH-style answers judged with KLASS's extractor (utils.py)."""
     name, metric, final = "math", "acc", "accuracy"
+    runs_code = False  # True: generated code is judged in the sandbox (demask/sandbox.py)
 
     def load(self, run):
         path = os.path.join(REPO, run.data)
@@ -105,6 +106,7 @@ class MathTask:
 class CodeTask(MathTask):
     """HumanEval-format problems, executed in a sandboxed process with a 3 s timeout (utils.py)."""
     name, metric, final = "humaneval", "pass@1", "pass@1"
+    runs_code = True
 
     def load(self, run):
         fields = ("task_id", "prompt", "entry_point", "test")

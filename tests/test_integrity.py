@@ -301,3 +301,13 @@ def test_a_plugin_run_is_not_reused_by_a_plugin_free_sweep(tmp_path):
     honest = run_cli(*args)
     assert honest.returncode == 0 and "is complete, skipped" not in honest.stderr
     assert "accuracy=1.0000" not in honest.stdout
+
+
+def test_the_sandbox_layer_in_force_is_recorded(tmp_path):
+    from demask import sandbox
+    for label, expected in (("tiny-code", sandbox.layer_description()), ("tiny-math", None)):
+        out = run_cli("--label", label, "--limit", "2", "--results_dir", str(tmp_path))
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / label).iterdir()
+        config, summary = (json.load(open(run / name)) for name in ("config.json", "summary.json"))
+        assert config["sandbox"] == summary["sandbox"] == expected
