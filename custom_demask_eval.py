@@ -34,15 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demask import REPO, kvcache, report, sandbox, trajectories
+from demask import REPO, kvcache, networks, report, sandbox, trajectories
 from demask import policy  # noqa: F401 (registers the policy decoder)
 # Re-exported for pasted decoders, plugins and tools, which import them from this module.
 from demask.core import (DecoderModel, DiffusionLM, RuleChecker, RuleViolation, batch_model,  # noqa: F401
-                         checked_output, cut_at_stop, decode_batch, decode_rows, judge_batch, left_pad, load_model,
+                         check_reachable, checked_output, cut_at_stop, decode_batch, decode_rows, judge_batch, left_pad, load_model,
                          stop_ids)
 from demask.decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecoder, TopKDecoder,  # noqa: F401
                              add_gumbel_noise, build_decoder, choosable, clean_confidence, current_block,
-                             describe_decoder, get_num_transfer_tokens, propose_tokens, register_method,
+                             decoder_parameters, describe_decoder, get_num_transfer_tokens, propose_tokens, register_method,
                              register_position_score, top_k_commit)
 from demask.records import json_line, merge_samples, parse_samples_file, read_records, rewrite
 from demask.settings import RUN_KEYS, RunSettings
@@ -233,14 +233,21 @@ def progress(task, records, total):
     return f"TRAIN_METRICS: {task.name} {len(records)}/{total} " + " ".join(fields)
 
 
+REJUDGE = False  # --rejudge (parse_args sets it): run_eval corrects earlier records that their judge disagrees with
+
+
 def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
     """Decode and judge this process's share of the samples not yet in the run directory.
-    Returns the records of this process (those of earlier attempts included)."""
+    Returns the records of this process (those of earlier attempts included: checked and re-judged,
+    demask/verdicts.py; a disagreement is an InputError, or with --rejudge corrected in the file)."""
     from tqdm import tqdm
+    from demask import verdicts
     mine = {s["id"] for s in samples[rank::world]}
     path = os.path.join(run_dir, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
     wanted = {s["id"] for s in samples}
-    records = [r for r in read_records(run_dir, wanted) if r["id"] in mine]
+    if REJUDGE and world > 1:
+        raise InputError("--rejudge rewrites the records of earlier attempts: run it in one process")
+    records = verdicts.read_checked(run_dir, run, task, samples, only=mine, rejudge=REJUDGE)
     if os.path.exists(path):
         rewrite(path, parse_samples_file(path, wanted))  # drops a line cut off by a crash before appending
     done = {r["id"] for r in records}
@@ -553,14 +560,23 @@ def run_sweep(args):
     for i, (run, run_dir) in enumerate(plan):
         if run_is_done(run_dir, run, len(samples)):
             if rank == 0:
-                print(f"sweep {i + 1}/{len(plan)}: {run_dir} is complete, skipped", file=sys.stderr)
-            results.append((run_dir, json.load(open(os.path.join(run_dir, "summary.json")))["metrics"]))
+                print(f"sweep {i + 1}/{len(plan)}: {run_dir} is complete, skipped (its metrics re-derived from its "
+                      "samples)", file=sys.stderr)
+            # not trusted: its records checked and re-judged, its metrics recomputed instead of summary.json's
+            from demask import verdicts
+            results.append((run_dir, verdicts.rederived_run_metrics(run_dir, run, task, samples, device or run.device,
+                                                                    rejudge=args.rejudge) if rank == 0 else None))
             continue
         if lm is None:
+            preflight(run, rank)
             lm = load_model(run.model, device=device or run.device)
         open_run_dir(run_dir, run, rank, world, f"sweep {i + 1}/{len(plan)}: run directory {run_dir}")
-        results.append((run_dir, evaluate(run, lm, task, samples, run_dir, time.time(), rank, world,
-                                          show=not args.seeds)))
+        try:
+            results.append((run_dir, evaluate(run, lm, task, samples, run_dir, time.time(), rank, world,
+                                              show=not args.seeds)))
+        finally:
+            if rank == 0:
+                remove_if_empty(run_dir)
     if world > 1:
         torch.distributed.destroy_process_group()
     if rank == 0:
@@ -631,7 +647,11 @@ def fail(message):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Evaluate a demasking strategy of a masked diffusion LM.")
+    p = argparse.ArgumentParser(
+        description="Evaluate a demasking strategy of a masked diffusion LM.",
+        epilog="subcommands:\n  report RESULTS_DIR   leaderboard, Pareto plots, PBx and AUP from run directories "
+               "(report --help)\n  decoders [NAME]      the registered decoders, their parameters, defaults and "
+               "allowed values", formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label", help=f"benchmark label: {', '.join(LABELS)}")
     p.add_argument("--model_path", help="local folder or hub id (default: the label's model)")
     p.add_argument("--decoder", help=f"decoder (default: default): {', '.join(DECODERS)}")
@@ -650,12 +670,16 @@ def parse_args(argv):
     p.add_argument("--plugin", action="append", default=[],
                    help="a Python file that registers decoders with register_method (repeatable)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    p.add_argument("--rejudge", action="store_true", help="correct the stored verdicts of earlier records (--resume, "
+                   "sweeps) that their task's judge disagrees with, instead of stopping (exit 4)")
     if not argv:
         p.print_usage(sys.stderr)
         print("error: give --label (labels: " + ", ".join(LABELS) + ") or --resume RUN_DIR", file=sys.stderr)
         sys.exit(EXIT_CODES["usage"])
     args = p.parse_args(argv)
     check_ranges(args)
+    global REJUDGE
+    REJUDGE = args.rejudge  # allowed with --resume (not a run setting)
     return args
 
 
@@ -837,6 +861,27 @@ def report_main(argv):
     return out
 
 
+def decoders_main(argv):
+    """`decoders [NAME]`: every registered decoder with its type and parameters, or one in full."""
+    p = argparse.ArgumentParser(prog="custom_demask_eval.py decoders",
+                                description="The registered decoders, their parameters, defaults and allowed values.")
+    p.add_argument("name", nargs="?", help="one decoder, in full")
+    p.add_argument("--plugin", action="append", default=[], help="plugin files that register decoders")
+    args = p.parse_args(argv)
+    load_plugins(args.plugin)
+    if args.name and args.name not in DECODERS:
+        fail(f"unknown decoder {args.name!r}; known decoders: {', '.join(DECODERS)}")
+    for name in [args.name] if args.name else DECODERS:
+        info = DECODERS[name]
+        print(f"{name} ({info.method_type}): {info.summary or (info.cls.__doc__ or '').strip().splitlines()[0]}")
+        if args.name:
+            print(f"  class {info.cls.__module__}.{info.cls.__qualname__}; representative parameter "
+                  f"{info.representative_param}; position score {info.position_score}; uses steps {info.uses_steps}")
+            print(f"  reference: {info.reference or '-'}")
+        for key, default, allowed, fixed in decoder_parameters(name):
+            print(f"  {key:20s} {default!r:22} {allowed}{'  (fixed by this entry)' if fixed else ''}")
+
+
 def run_main(args):
     """One configuration: resolve it, load the samples, open the run directory, load the model, evaluate."""
     if args.sweep and (args.resume or args.decoder or args.decoder_args):
@@ -848,6 +893,7 @@ def run_main(args):
         return run_sweep(args)
     run = resume_settings(args) if args.resume else resolve(label_settings(args))
     rank, world, device = distributed()
+    preflight(run, rank)
     started = time.time()
     task = TASKS[run.task]()
     samples = task.load(run)[:run.limit]
@@ -865,7 +911,8 @@ def run_main(args):
 
 
 def remove_if_empty(run_dir):
-    """A run directory without a single sample after a failed start is removed."""
+    """A run directory without a single sample after a failed start is removed, and its label's
+    folder with it when nothing else is there."""
     if not os.path.isdir(run_dir):
         return
     paths = [os.path.join(run_dir, name) for name in os.listdir(run_dir)]
@@ -873,12 +920,74 @@ def remove_if_empty(run_dir):
         for p in paths:
             os.remove(p)
         os.rmdir(run_dir)
+        label_dir = os.path.dirname(run_dir)
+        if not os.listdir(label_dir):
+            os.rmdir(label_dir)
+
+
+LARGE_FOR_CPU = 2e9  # bytes of weights above which a run on the CPU must be asked for with --device cpu
+
+
+def preflight(run, rank=0):
+    """Before any long work: the model is reachable, a real-size model does not fall back to the CPU
+    silently, and a GPU run says which GPU, its free memory and the measured peak of this label."""
+    check_reachable(run.model)
+    on_gpu = (run.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    size = networks.weight_bytes(run.model)
+    if not on_gpu and run.device is None and size and size > LARGE_FOR_CPU:
+        fail(f"model {run.model!r} has {size / 1e9:.1f} GB of weights and there is no CUDA GPU here: on the CPU "
+             "(fp32) it would take hours; pass --device cpu to run it anyway")
+    if on_gpu and rank == 0:
+        print(gpu_line(run, size), file=sys.stderr)
+
+
+def gpu_line(run, size):
+    device = torch.device(run.device or "cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    peak = measured_peak(run)
+    expected = (f"{run.label} at batch {run.batch_size} peaked at {peak[0]:.1f} GB on {peak[1]} ({peak[2]})" if peak
+                else f"no peak measured for {run.label} at batch {run.batch_size}" +
+                (f"; its weights alone take {size / 2 ** 30:.1f} GiB" if size else ""))
+    return (f"gpu: {torch.cuda.get_device_name(device)}, {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free; "
+            f"{expected}")
+
+
+PEAK_BENCHMARKS = ("benchmarks/h200_e2e.json", "benchmarks/h200_cache.json")  # end-to-end runs with peak_gpu_gb
+
+
+def measured_peak(run):
+    """(peak GB, GPU, file) of this label, batch size and cache mode in the end-to-end benchmarks, or None."""
+    cache = f"--cache {run.cache}" if run.cache != "none" else None
+    for path in PEAK_BENCHMARKS:
+        try:
+            data = json.load(open(os.path.join(REPO, path)))
+        except (OSError, ValueError):
+            continue
+        env = data.get("env") or {}
+        gpu = env.get("gpu") or env.get("device") or "the benchmark's GPU"
+        for row in (r for rows in data.values() if isinstance(rows, list) for r in rows if isinstance(r, dict)):
+            extra = row.get("extra", "")
+            same_cache = cache in extra if cache else "--cache" not in extra
+            if row.get("label") == run.label and row.get("batch_size") == run.batch_size and same_cache:
+                return row.get("peak_gpu_gb"), gpu, path
+    return None
+    cache = f"--cache {run.cache}" if run.cache != "none" else None
+    for rows in (v for v in data.values() if isinstance(v, list)):
+        for row in rows:
+            if not isinstance(row, dict) or row.get("label") != run.label or row.get("batch_size") != run.batch_size:
+                continue
+            if (cache in row.get("extra", "")) if cache else "--cache" not in row.get("extra", ""):
+                gpu = (data.get("env") or {}).get("gpu") or "the benchmark's GPU"
+                return row.get("peak_gpu_gb"), gpu, os.path.relpath(path, REPO)
+    return None
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["report"]:
         return report_main(argv[1:])
+    if argv[:1] == ["decoders"]:
+        return decoders_main(argv[1:])
     args = parse_args(argv)
     load_plugins(args.plugin)
     set_threads(args, args.device)

@@ -8,6 +8,7 @@ run: its model handle counts each forward per sample and hands every input and t
 """
 import contextlib
 import copy
+import os
 from types import MappingProxyType, SimpleNamespace
 
 import numpy as np
@@ -138,6 +139,26 @@ def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
     return DecoderModel(lm, call)
 
 
+def check_reachable(path_or_id):
+    """Before any long work: a hub id that is neither cached nor reachable is an InputError that says
+    what to do (download it, or point the run at a local copy)."""
+    if networks.cached_model_path(path_or_id) is not None:
+        return
+    reason = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else None
+    if reason is None:
+        try:
+            import huggingface_hub
+            huggingface_hub.model_info(path_or_id, timeout=10)
+            return
+        except Exception as e:
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+    size = networks.CHECKPOINT_BYTES.get(path_or_id)
+    disk = f" ({size / 1e9:.0f} GB of weights)" if size else ""
+    raise InputError(f"cannot load model {path_or_id!r}: it is not in the local hub cache and the hub cannot be "
+                     f"reached ({reason}). Download it where the hub is reachable: `huggingface-cli download "
+                     f"{path_or_id}`{disk}, or give a local copy: --model_path DIR (label scripts: MODEL_PATH=DIR)")
+
+
 def load_model(path_or_id, device=None, dtype=None, graphed=True):
     """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM.
     graphed=False keeps the plain forward on a GPU too (no compiled blocks, no CUDA graphs: for
@@ -179,16 +200,21 @@ class RuleChecker:
         self.broken = RuleViolation(f"rule '{rule}' broken for sample {self.ids[row]}: {detail}")
         raise self.broken
 
-    def plain(self, value, rule, what, rows=None, integer=True):
+    def plain(self, value, rule, what, rows=None, integer=True, same_device=False):
         """A copy of a tensor the decoder handed over, as a plain torch.Tensor on the model's device:
         tensor subclasses are refused (their methods could answer the checks), and a copy carries
-        none of the instance's attributes."""
+        none of the instance's attributes. same_device: the tensor must already be on the model's
+        kind of device (the returned x)."""
         if type(value) is not torch.Tensor:
             kind = "a torch.Tensor subclass " if isinstance(value, torch.Tensor) else ""
             self.violation(rule, 0, f"{what} is {kind}{type(value).__name__}; expected a plain torch.Tensor")
-        value = torch.Tensor.clone(torch.Tensor.to(value, self.prompt.device))
+        device = self.prompt.device
+        where = torch.Tensor.__getattribute__(value, "device")
+        if where.type == "meta" or same_device and where.type != device.type:
+            self.violation(rule, 0, f"{what} is a tensor on {where}, expected a tensor on {device}")
+        value = torch.Tensor.clone(torch.Tensor.to(value, device))
         if integer and value.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-            self.violation(rule, 0, f"{what} must hold integers, got dtype {value.dtype}")
+            self.violation(rule, 0, f"{what}: token ids must be integers, got dtype {value.dtype}")
         if rows is not None and (value.dim() != 2 or value.shape[0] != rows):
             self.violation(rule, 0, f"{what} has shape {list(value.shape)}; expected [{rows}, ...]")
         return value.long() if integer else value
@@ -224,7 +250,7 @@ class RuleChecker:
     def finish(self, x):
         if self.broken:
             raise self.broken
-        x = self.plain(x, "decoder returns (x, used_steps)", "x")
+        x = self.plain(x, "decoder returns (x, used_steps)", "x", same_device=True)
         if tuple(x.shape) != self.shape:
             self.violation("output shape", 0, f"expected {list(self.shape)}, got {list(x.shape)}")
         if (self.forwards == 0).any():

@@ -747,6 +747,21 @@ def build_decoder(name, mask_id, settings, decoder_args):
         raise ValueError(f"decoder {name!r}: {e}") from e
 
 
+def decoder_parameters(name):
+    """[(parameter, default, allowed values, fixed by the entry)] of a registered decoder's
+    constructor, mask_id left out; a parameter without a default shows "required"."""
+    info = DECODERS[name]
+    ranges = getattr(info.cls, "ranges", {})
+    out = []
+    for param in list(inspect.signature(info.cls.__init__).parameters.values())[1:]:
+        if param.name == "mask_id" or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        default = "required" if param.default is param.empty else param.default
+        allowed = str(ranges[param.name]) if param.name in ranges else "any"
+        out.append((param.name, info.fixed.get(param.name, default), allowed, param.name in info.fixed))
+    return out
+
+
 def check_arguments(name, cls, arguments):
     """Numbers must be finite and inside the class's declared `ranges` (ValueError naming the argument)."""
     ranges = getattr(cls, "ranges", {})

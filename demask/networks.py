@@ -327,6 +327,36 @@ def model_family(config):
     return kind
 
 
+# Bytes of the weights of the hub checkpoints the labels use (their model.safetensors.index.json total_size).
+CHECKPOINT_BYTES = {"GSAI-ML/LLaDA-8B-Instruct": 16031162368, "Dream-org/Dream-v0-Instruct-7B": 15231233024}
+
+
+def cached_model_path(path_or_id):
+    """The local folder of a model: the folder itself, or the hub id's snapshot already in the local
+    cache; None when the hub id is not cached (nothing is downloaded here)."""
+    if os.path.isdir(path_or_id):
+        return path_or_id
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"],
+                                 local_files_only=True)
+    except Exception:  # not cached (or a broken cache entry): the caller decides what to say
+        return None
+
+
+def weight_bytes(path_or_id):
+    """Bytes of a model's weights: its safetensors files if local or cached, else the known size of a
+    label's hub checkpoint, else None."""
+    path = cached_model_path(path_or_id)
+    if path is None:
+        return CHECKPOINT_BYTES.get(path_or_id)
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        return json.load(open(index)).get("metadata", {}).get("total_size")
+    files = [os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors")]
+    return sum(os.path.getsize(f) for f in files) or None
+
+
 def resolve_model_path(path_or_id):
     """A local folder as is; anything else is a hub id, downloaded once (weights, config, tokenizer)."""
     if os.path.isdir(path_or_id):

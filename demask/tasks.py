@@ -124,9 +124,10 @@ class CodeTask(MathTask):
     def completion(self, problem, text):
         return utils.make_completion(problem, utils.extract_code(text))
 
-    def judge(self, samples, texts):
+    def judge(self, samples, texts, check=None):
+        """`check`: utils.check_code's stand-in (demask/verdicts.py passes its cached one)."""
         completions = {s["id"]: self.completion(self.problems[s["id"]], t) for s, t in zip(samples, texts)}
-        results = utils.check_code({i: self.problems[i] for i in completions}, completions)
+        results = (check or utils.check_code)({i: self.problems[i] for i in completions}, completions)
         return [dict(completion=completions[s["id"]], correct=bool(results[s["id"]]["passed"]),
                      result=results[s["id"]]["result"]) for s in samples]
 
@@ -168,6 +169,7 @@ class TextTask:
     """Raw prefix continuation (the C4 protocol of KLASS's text experiments): no chat template,
     scored by a scorer LM at the end."""
     name, metric, final = "text", "rep2", "rep2"
+    runs_code = False
 
     def load(self, run):
         path = os.path.join(REPO, run.data)
