@@ -263,8 +263,9 @@ def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
             start = time.time()
             traces = []
             generations, counted, reported = decode_batch(run, lm, decoder, batch, seed, traces)
+            decoded = time.time()
             texts, stopped, verdicts = judge_batch(lm, task, batch, generations)
-            seconds = (time.time() - start) / len(batch)
+            decode_s, judge_s = (decoded - start) / len(batch), (time.time() - decoded) / len(batch)
             mismatch = steps_mismatch(decoder, counted, reported)
             if any(mismatch) and not warned:
                 warned = True
@@ -275,7 +276,8 @@ def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
                                                                             mismatch, verdicts, traces):
                 record = dict(id=s["id"], prompt=s.get("prefix") or s["messages"][-1]["content"], generation=text,
                               stopped=stop, **verdict, steps=steps, reported_steps=said, steps_mismatch=differs,
-                              seed=seed, seconds=round(seconds, 4), trace=traced)
+                              seed=seed, seconds=round(decode_s + judge_s, 4), decode_seconds=round(decode_s, 4),
+                              judge_seconds=round(judge_s, 4), trace=traced)
                 out.write(json_line(record))
                 out.flush()
                 os.fsync(out.fileno())
@@ -318,7 +320,7 @@ def summarize(run, task, records, run_dir, lm, started):
                    config=run.to_json(),
                    metrics=metrics, avg_reported_steps=float(np.mean([r["reported_steps"] for r in records])),
                    n_steps_mismatch=sum(r.get("steps_mismatch", r["reported_steps"] != r["steps"]) for r in records),
-                   improbable_commits=improbable, sandbox=run.sandbox,
+                   improbable_commits=improbable, sandbox=run.sandbox, cost=cost_summary(run, records),
                    order=trajectories.order_summary(traces), details=details,
                    environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(run),
                    wall_seconds=round(time.time() - started, 2))
@@ -328,6 +330,33 @@ def summarize(run, task, records, run_dir, lm, started):
 
 
 IMPROBABLE_WARNING = 0.05  # the share of improbable commits above which a run warns
+
+
+def cost_summary(run, records):
+    """What the run's samples cost: seconds per sample (decoding and judging), generated positions
+    per decoding second and per counted forward, and the model's work: rows computed in full and
+    in part (--cache) and the share of an exact run's positions computed."""
+    n = len(records)
+    decode = sum(r.get("decode_seconds", r.get("seconds", 0.0)) for r in records)
+    judge = sum(r.get("judge_seconds", 0.0) for r in records)
+    work = [sum(w) for w in zip(*(r["trace"]["computed"] for r in records if "computed" in r.get("trace", {})))]
+    forwards = sum(r["steps"] for r in records)
+    out = dict(decode_seconds_per_sample=round(decode / n, 4), judge_seconds_per_sample=round(judge / n, 4),
+               tokens_per_second=round(n * run.gen_length / decode, 1) if decode > 0 else None,
+               tokens_per_forward=round(n * run.gen_length / forwards, 3) if forwards else None)
+    if work:
+        out.update(full_forwards=work[0], partial_forwards=work[1],
+                   positions_share=round(work[2] / work[3], 4) if work[3] else None)
+    return out
+
+
+def cost_line(cost):
+    line = (f"cost: {cost['decode_seconds_per_sample']:.3f} s/sample decoding + {cost['judge_seconds_per_sample']:.3f} "
+            f"judging, {cost['tokens_per_second']} tokens/s, {cost['tokens_per_forward']} tokens/forward")
+    if "full_forwards" in cost:
+        line += (f"; model rows computed: {cost['full_forwards']} full + {cost['partial_forwards']} partial, "
+                 f"{100 * cost['positions_share']:.1f}% of an exact run's positions")
+    return line
 
 
 def distributed():
@@ -385,6 +414,7 @@ def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=Tru
         metrics = summarize(run, task, records, run_dir, lm, started)
         if show:
             print(f"decoder: {decoder_name(run)} ({run.decoder}, fingerprint {run.fingerprint[:8]})", file=sys.stderr)
+            print(cost_line(cost_summary(run, records)), file=sys.stderr)
         for name, value in metrics.items():
             if show:
                 print(f"{name}_{run.label}: {value:.4f}")

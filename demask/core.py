@@ -134,9 +134,18 @@ def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
             key_mask = None
         logits = lm.logits(x, key_mask, positions, query_idx, cache)
         if recorder is not None:
-            recorder.returned(logits, query_idx, x.shape[1])
+            recorder.returned(logits, query_idx, T)
+            recorder.computed(cache.work if cache is not None else exact_work(x, lm.mask_id), T)
         return SimpleNamespace(logits=logits)
     return DecoderModel(lm, call)
+
+
+def exact_work(x, mask_id):
+    """[(rows, positions per row)] an exact forward computes: the rows with a mask token, every row
+    when none has one (as DiffusionLM.logits)."""
+    live = (x == mask_id).any(1)
+    rows = live.nonzero().squeeze(1) if bool(live.any()) else torch.arange(x.shape[0], device=x.device)
+    return [(rows, x.shape[1])]
 
 
 def check_reachable(path_or_id):

@@ -4,6 +4,10 @@ model handle's view of x, and the order statistics of a run.
 A trace is one JSON object per sample, the `trace` field of its record in samples.jsonl:
 
     forwards     the forwards counted for the sample (= the record's `steps`)
+    computed     [full, partial, positions, exact positions]: the sample's rows the model computed
+                 in full and in part (--cache), the positions it computed, and those an exact forward
+                 of the same rows would have computed (every position of the input; guidance rows
+                 count as rows of their sample)
     tokens       the final generated ids, gen_length of them (padding after the answer included)
     commit_step  per generated position, the forward f (0-based, counted per sample) whose logits
                  preceded the final token: the token is in the input of the sample's next forward,
@@ -46,6 +50,7 @@ class Recorder:
         self.commit_step = [[-1] * gen_length for _ in range(rows)]
         self.confidence = [[None] * gen_length for _ in range(rows)]
         self.undone = [[] for _ in range(rows)]
+        self.work = torch.zeros(rows, 4, dtype=torch.long)
 
     def forward(self, x, counted):
         gen = x[:len(self.counted), -self.G:]
@@ -58,13 +63,23 @@ class Recorder:
     def returned(self, logits, query_idx, width):
         self.seen = (logits, tensor_version(logits), query_idx, width)
 
+    def computed(self, work, width):
+        """What the model computed for the last call: [(rows of the call, positions per row)]."""
+        for rows, positions in work:
+            samples = torch.as_tensor(rows).cpu() % len(self.counted)
+            full = int(positions) >= width
+            self.work[:, 0 if full else 1] += torch.bincount(samples, minlength=len(self.counted))
+            count = torch.bincount(samples, minlength=len(self.counted))
+            self.work[:, 2] += int(positions) * count
+            self.work[:, 3] += width * count
+
     def finish(self, x):
         gen = x[:, -self.G:]
         if self.state is not None:
             self.record(gen)
-        return [dict(forwards=int(n), tokens=tokens, commit_step=steps, confidence=conf, undone=undone)
-                for n, tokens, steps, conf, undone in zip(self.counted.tolist(), gen.tolist(), self.commit_step,
-                                                          self.confidence, self.undone)]
+        return [dict(forwards=int(n), tokens=tokens, commit_step=steps, confidence=conf, undone=undone, computed=work)
+                for n, tokens, steps, conf, undone, work in zip(self.counted.tolist(), gen.tolist(), self.commit_step,
+                                                                self.confidence, self.undone, self.work.tolist())]
 
     def record(self, after):
         changed = self.state != after

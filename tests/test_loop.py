@@ -148,3 +148,33 @@ def test_a_failed_sweep_configuration_leaves_no_folder(tmp_path):
     assert out.returncode == 3 and "decoder raised RuntimeError on sample" in out.stderr
     (kept,) = (tmp_path / "r" / "tiny-math").iterdir()
     assert kept.name.startswith("klass-") and (kept / "summary.json").exists()
+
+
+# ---------------------------------------------------------------------------
+# Cost beyond forwards
+
+
+def test_cost_in_seconds_tokens_and_model_work(tmp_path):
+    summaries = {}
+    for cache in ("none", "dual"):
+        out = run_cli("--label", "tiny-math", "--limit", "8", "--decoder", "threshold", "--cache", cache,
+                      "--results_dir", str(tmp_path / cache))
+        assert out.returncode == 0, out.stderr
+        line = next(l for l in out.stderr.splitlines() if l.startswith("cost: "))
+        assert "s/sample decoding" in line and "tokens/s" in line and "tokens/forward" in line
+        (run,) = (tmp_path / cache / "tiny-math").iterdir()
+        summaries[cache] = json.load(open(run / "summary.json"))
+        records = [json.loads(l) for l in open(run / "samples.jsonl")]
+        assert all(r["decode_seconds"] > 0 and r["judge_seconds"] >= 0 for r in records)
+        assert all(abs(r["seconds"] - r["decode_seconds"] - r["judge_seconds"]) < 2e-4 for r in records)
+    exact, dual = summaries["none"], summaries["dual"]
+    forwards = exact["metrics"]["avg_steps"] * 8
+    assert exact["cost"]["full_forwards"] == forwards and exact["cost"]["partial_forwards"] == 0
+    assert exact["cost"]["positions_share"] == 1.0
+    assert dual["cost"]["full_forwards"] + dual["cost"]["partial_forwards"] == dual["metrics"]["avg_steps"] * 8
+    assert dual["cost"]["partial_forwards"] > 0 and dual["cost"]["positions_share"] < 1.0
+    for s in (exact, dual):
+        c = s["cost"]
+        assert c["tokens_per_forward"] == round(64 / s["metrics"]["avg_steps"], 3)
+        assert c["tokens_per_second"] == round(64 / c["decode_seconds_per_sample"], 1) or abs(
+            c["tokens_per_second"] - 64 / c["decode_seconds_per_sample"]) / c["tokens_per_second"] < 0.01
