@@ -50,9 +50,26 @@ def edited_harness(folder, region=None):
     return str(folder / "custom_demask_eval.py")
 
 
+SHIPPED_REGION = os.path.join(REPO, "tests", "fixtures", "shipped_region.py")
+
+
 def shipped_region():
+    """The editable region as it ships (a copy kept for the tests that are about it, so that they do
+    not depend on what a researcher pasted into custom_demask_eval.py)."""
+    return open(SHIPPED_REGION).read()
+
+
+def working_region():
     source = open(os.path.join(REPO, "custom_demask_eval.py")).read()
     return source.split("# --- EDITABLE REGION START ---\n")[1].split("# --- EDITABLE REGION END ---\n")[0]
+
+
+def shipped_decoder_class():
+    """DemaskDecoder as the shipped region defines it, in the names the entry script gives it."""
+    scope = {name: getattr(cde, name) for name in ("torch", "F", "np", "os", "REPO", "get_num_transfer_tokens",
+                                                    "add_gumbel_noise", "choosable")}
+    exec(compile(shipped_region(), SHIPPED_REGION, "exec"), scope)
+    return scope["DemaskDecoder"]
 
 
 # ---------------------------------------------------------------------------
@@ -116,6 +133,16 @@ def test_resume_refuses_other_settings(tmp_path, tiny_llada, flag):
     assert out.returncode == 2 and f"drop {flag[0]}" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_shipped_region_copy_is_the_region_of_this_checkout():
+    """The copy the shipped-region tests use is the region that ships; a researcher's edit skips this
+    check with one line (in CI, where nothing is edited, a difference is a failure)."""
+    if working_region() != shipped_region():
+        message = "the editable region was edited; tests about the shipped region use tests/fixtures/shipped_region.py"
+        if os.environ.get("CI"):
+            pytest.fail(message + ", which must equal the shipped region: update it")
+        pytest.skip(message)
+
+
 def test_default_and_klass_llada_give_identical_generations_and_counts():
     """The editable region ships KLASS: it must not drift from decoders.KlassDecoder (LLaDA variant)."""
     lm = core.load_model(cde.TINY, device="cpu")
@@ -123,9 +150,10 @@ def test_default_and_klass_llada_give_identical_generations_and_counts():
     samples = tasks.MathTask().load(cfg)[:16]
     for s in samples:
         s["prompt_ids"] = tasks.encode_prompt(lm, s)
+    shipped = shipped_decoder_class()(lm.mask_id, conf_threshold=cfg.conf_threshold, kl_threshold=cfg.kl_threshold,
+                                      history_length=cfg.history_length)
     outputs = []
-    for name in ("default", "klass"):
-        decoder = decoders.build_decoder(name, lm.mask_id, cfg, {})
+    for decoder in (shipped, decoders.build_decoder("klass", lm.mask_id, cfg, {})):
         outputs.append(core.decode_batch(cfg, lm, decoder, samples, seed=0)[:2])
     assert outputs[0] == outputs[1] and max(outputs[0][1]) < cfg.steps
 
