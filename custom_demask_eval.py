@@ -241,13 +241,13 @@ def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
     Returns the records of this process (those of earlier attempts included: checked and re-judged,
     demask/verdicts.py; a disagreement is an InputError, or with --rejudge corrected in the file)."""
     from tqdm import tqdm
-    from demask import verdicts
+    from demask.verdicts import read_checked
     mine = {s["id"] for s in samples[rank::world]}
     path = os.path.join(run_dir, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
     wanted = {s["id"] for s in samples}
     if REJUDGE and world > 1:
         raise InputError("--rejudge rewrites the records of earlier attempts: run it in one process")
-    records = verdicts.read_checked(run_dir, run, task, samples, only=mine, rejudge=REJUDGE)
+    records = read_checked(run_dir, run, task, samples, only=mine, rejudge=REJUDGE)
     if os.path.exists(path):
         rewrite(path, parse_samples_file(path, wanted))  # drops a line cut off by a crash before appending
     done = {r["id"] for r in records}

@@ -20,7 +20,7 @@ def parse_samples_file(path, wanted):
     for n, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            ok = isinstance(record, dict) and "id" in record and "steps" in record
+            ok = isinstance(record, dict) and isinstance(record.get("id"), str) and "steps" in record
         except json.JSONDecodeError:
             ok = False
         if not ok and n == len(lines) and not line.endswith("\n"):
@@ -37,8 +37,9 @@ def parse_samples_file(path, wanted):
     return records
 
 
-def read_records(run_dir, wanted):
-    """Finished samples of a run from all its samples files (one per process), each id once."""
+def read_records(run_dir, wanted, origin=None):
+    """Finished samples of a run from all its samples files (one per process), each id once;
+    `origin`, a dict, gets each id's file."""
     records, seen = [], set()
     for name in sorted(os.listdir(run_dir)):
         if name.startswith("samples") and name.endswith(".jsonl"):
@@ -47,6 +48,8 @@ def read_records(run_dir, wanted):
                     raise InputError(f"{run_dir}: sample id {r['id']!r} is in two samples files")
                 seen.add(r["id"])
                 records.append(r)
+                if origin is not None:
+                    origin[r["id"]] = os.path.join(run_dir, name)
     return records
 
 

@@ -1,6 +1,7 @@
 """Leaderboard, Pareto plots, PBx (ParallelBench), AUP (d3LLM) and decoding order from run directories.
 
-`write_report` reads every summary.json under a results folder and writes report.md, report.csv,
+`write_report` reads every summary.json under a results folder, re-derives each run's verdicts and
+metrics from its samples.jsonl (demask/verdicts.py; a run that fails is listed, not shown), and writes report.md, report.csv,
 one pareto_<label>.png per label, one order_<run>.png per shown run with a trace, and report.html
 (report_html.py), in this order: collect the runs, the header, then per model and per kind of
 label (accuracy, text) the leaderboard, the Pareto sections, PBx/AUP tables and the order figures.
@@ -10,7 +11,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime
-import functools
 import inspect
 import json
 import math
@@ -21,9 +21,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import REPO, report_html, trajectories
+from . import REPO, report_html, trajectories, verdicts
 from .decoders import DECODERS, method_config_keys, method_position_score
 from .kvcache import MODES
+from .tasks import TASKS, InputError
 
 ACCURACY_METRICS = ("accuracy", "pass@1")
 TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")
@@ -44,6 +45,11 @@ HEADER_NOTES = [
     "- τ / ρ: ParallelBench's decoding-order correlation, Kendall τ-b and Spearman ρ between a sample's "
     "commit steps in position order and the same steps sorted (1 = left to right, parallel commits "
     "of neighbours included; -1 = right to left), averaged over samples (the `trace` of each record in samples.jsonl).",
+    "- Re-derived from each run's samples.jsonl, never read from summary.json: every verdict (re-judged from its "
+    "generation by the task's judge), acc / pass@1, rep2, steps and n. A run whose records fail the checks or "
+    "disagree with their judge, whose summary.json metrics differ from the re-derived ones, or that has no "
+    "samples.jsonl is not shown (listed below). Not re-derived: gen_ppl, MAUVE and entropy of text runs (they "
+    "need the scorer LM) are summary.json's.",
 ]
 
 # ---------------------------------------------------------------------------
@@ -90,38 +96,72 @@ class ReportRun:
     family_name: str = ""           # the family without its date (Pareto point labels, the front line)
     family_sort: tuple = ()         # the family's place: editable decoder, registry order, name, cache, date
     summary: str = ""               # the decoder class's `summary` (decoder_info)
+    traced: list = field(default_factory=list, repr=False)  # its checked records that have a trace
 
     @property
     def shown(self):
         """The run whose trace the order figure and report.html show: a cell's newest run, else itself."""
         return self.source or self
 
-    @functools.cached_property
+    @property
     def traced_records(self):
-        """The records of samples.jsonl that have a trace, read once per run."""
-        return self.source.traced_records if self.source else trajectories.traced_samples(self.root)
+        """The records of samples.jsonl that have a trace, as read_run read (and checked) them: once per run."""
+        return self.source.traced_records if self.source else self.traced
 
 
 def collect_runs(results_dir, label_defaults, run_keys):
-    """Every run directory under results_dir with a readable summary.json, and the unreadable ones."""
-    runs, problems = [], []
+    """Every run directory under results_dir with a readable summary.json whose metrics its
+    samples.jsonl re-derives, and the others with the reason (unreadable, not re-derivable)."""
+    runs, problems, rederive = [], [], Rederivation()
     for root, dirs, files in os.walk(results_dir):
         dirs.sort()
         if "summary.json" not in files:
             continue
         path = os.path.join(root, "summary.json")
         try:
-            runs.append(read_run(results_dir, root, path, label_defaults, run_keys))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError) as e:
-            message = str(e).replace(os.path.abspath(results_dir) + os.sep, "")
+            runs.append(read_run(results_dir, root, path, label_defaults, run_keys, rederive))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, InputError) as e:
+            message = str(e).replace(os.path.abspath(results_dir) + os.sep, "").replace(
+                os.path.normpath(results_dir) + os.sep, "")
             problems.append(f"{os.path.relpath(path, results_dir)}: {type(e).__name__}: {message}")
     return name_families(runs), problems
 
 
-def read_run(results_dir, root, path, label_defaults, run_keys):
+class Rederivation:
+    """Re-derives runs for the report (demask/verdicts.py, its cheap path: no model): one task and
+    sample set per (task, data, limit), one code verdict cache."""
+
+    def __init__(self):
+        self.tasks, self.cache = {}, None
+
+    def __call__(self, root, cfg, stored):
+        """(metrics, traced records) of the run in `root`: its records checked and re-judged, its
+        metrics re-derived; summary.json's `stored` metrics must agree (else ValueError). A text
+        run keeps summary.json's scorer metrics, which cannot be re-derived without the scorer LM."""
+        run = verdicts.settings_from_config(cfg)
+        key = (run.task, run.data, run.limit)
+        if key not in self.tasks:
+            task = TASKS[run.task]()
+            self.tasks[key] = task, task.load(run)[:run.limit]
+        task, samples = self.tasks[key]
+        if not any(n.startswith("samples") and n.endswith(".jsonl") for n in os.listdir(root)):
+            raise InputError("no samples.jsonl: its verdicts and metrics cannot be re-derived")
+        self.cache = self.cache or verdicts.VerdictCache()
+        records = verdicts.read_checked(root, run, task, samples, cache=self.cache)
+        if not records:
+            raise InputError("samples.jsonl holds no records: its metrics cannot be re-derived")
+        derived = verdicts.cheap_metrics(task, records)
+        differs = verdicts.metric_differences(stored, derived)
+        if differs:
+            raise ValueError("summary.json's metrics are not those of its samples: " + "; ".join(differs))
+        return dict(stored, **derived), [r for r in records if "trace" in r]
+
+
+def read_run(results_dir, root, path, label_defaults, run_keys, rederive=None):
     with open(path) as f:
         summary = json.load(f)
-    cfg, metrics = summary["config"], summary["metrics"]
+    cfg = summary["config"]
+    metrics, traced = (rederive or Rederivation())(root, cfg, summary["metrics"])
     label, decoder = summary.get("label") or cfg["label"], summary.get("decoder") or cfg["decoder"]
     details, avg_steps = summary.get("details") or {}, float(metrics["avg_steps"])
     kind = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
@@ -143,7 +183,7 @@ def read_run(results_dir, root, path, label_defaults, run_keys):
         kind=kind, metric=metric, score=percent(metrics.get(metric)),
         scorer_lm=scorer_lm(cfg, details) if kind == "text" else None, type=method_type, rep_name=rep_name,
         rep=rep, params=run_params(cfg, decoder, label_defaults.get(label, {}), run_keys),
-        tokens_per_forward=tokens_per_forward,
+        tokens_per_forward=tokens_per_forward, traced=traced,
         pb_tps=cfg["gen_length"] / cfg["steps"] if method_type == "topk" else tokens_per_forward)
 
 
@@ -542,7 +582,8 @@ def header_lines(results_dir, runs, problems, out_dir="."):
              "label the run with the most samples (then the newest) is shown; `runs` counts the runs merged "
              "into the row.", "", *HEADER_NOTES, ""]
     if problems:
-        lines += ["Unreadable summaries (skipped): " + "; ".join(f"`{p}`" for p in problems), ""]
+        lines += ["Runs not shown (unreadable summary.json, or not re-derived from samples.jsonl): "
+                  + "; ".join(f"`{p}`" for p in problems), ""]
     return lines
 
 
@@ -713,7 +754,8 @@ def write_report(results_dir, out, label_defaults, run_keys):
     a run changed."""
     runs, problems = collect_runs(results_dir, label_defaults, run_keys)
     if not runs:
-        raise ValueError(f"no run with a readable summary.json under {results_dir!r}")
+        raise ValueError(f"no run with a readable summary.json and samples.jsonl under {results_dir!r}"
+                         + (f" ({len(problems)} not shown, e.g. {problems[0]})" if problems else ""))
     out = out or os.path.join(results_dir, "report.md")
     out_dir = os.path.dirname(os.path.abspath(out))
     os.makedirs(out_dir, exist_ok=True)

@@ -11,6 +11,7 @@ import custom_demask_eval as cde
 from demask import decoders, report
 from demask.settings import RunSettings
 from conftest import REPO
+from honest_samples import write_samples
 from test_report import section, table_row
 from test_trust import edited_harness, run_cli, shipped_region
 
@@ -27,17 +28,19 @@ THRESHOLD_INFO = dict(method_type="threshold", representative_param="alg_thresho
 
 def write_run(results, name, decoder, info, fingerprint, accuracy, avg_steps, code=None, label="tiny-math",
               model=None, **settings):
-    """A finished run directory as the harness writes it (summary.json only)."""
+    """A finished run directory as the harness writes it: summary.json and samples.jsonl (the records
+    of a complete run, limit 100, with these metrics; the report re-derives them)."""
     base = cde.LABELS[label].replace(decoder=decoder, model=model or os.path.join(REPO, "models", "tiny-llada"))
     decoder_args = settings.pop("decoder_args", {})
     run = base.replace(decoder_args=decoder_args, decoder_info=info, fingerprint=fingerprint, **settings)
     folder = results / label / name
     folder.mkdir(parents=True)
     summary = dict(label=label, decoder=decoder, fingerprint=fingerprint, config=run.to_json(),
-                   metrics=dict(accuracy=accuracy, avg_steps=avg_steps, n_samples=20.0))
+                   metrics=dict(accuracy=accuracy, avg_steps=avg_steps, n_samples=100.0))
     if code:
         summary["code"] = code
     json.dump(summary, open(folder / "summary.json", "w"))
+    write_samples(folder)
     return folder
 
 
@@ -106,7 +109,7 @@ def test_edited_decoders_are_separate_named_families(tmp_path, monkeypatch):
     assert table_row(board, [shipped, "adaptive", "conf_threshold=0.9", "—", "confidence"])[5] == "60.0"
     assert table_row(board, [shipped, "adaptive", "conf_threshold=0.7", "—", "confidence"])[5] == "55.0"
     cell = table_row(board, ["cfad", "schedule", "factor=2", "—", "margin"])
-    assert cell[5] == "75.0 ± 7.1" and cell[10] == "20×2 seeds"
+    assert cell[5] == "75.0 ± 7.1" and cell[10] == "100×2 seeds"
     assert table_row(board, ["cfad", "schedule", "factor=3", "—", "margin"])[5] == "65.0"
     assert table_row(board, [edited, "topk", "k=2", "steps=32", "confidence"])[5] == "50.0"
     assert table_row(board, ["threshold", "threshold", "alg_threshold=0.9", "—", "confidence"])[5] == "58.0"
@@ -167,7 +170,7 @@ def test_without_code_hash_each_fingerprint_is_a_family(tmp_path, monkeypatch):
     md = (results / "report.md").read_text()
     board = section(md, "### Leaderboard (accuracy labels)")
     first = table_row(board, ["default@ffff0001 (2026-01-11)", "adaptive", "conf_threshold=0.9"])
-    assert first[5] == "61.5 ± 0.7" and first[10] == "20×2 seeds"
+    assert first[5] == "61.5 ± 0.7" and first[10] == "100×2 seeds"
     assert table_row(board, ["default@ffff0002 (2026-01-15)", "adaptive"])[5] == "50.0"
     assert table_row(board, ["cfad@c0de0001 (2026-01-01)", "schedule", "factor=2"])[5] == "70.0"
     assert table_row(board, ["cfad@c0de0002 (2026-01-01)", "schedule", "factor=2"])[5] == "72.0"
@@ -250,7 +253,7 @@ def test_cli_edited_decoders_named_in_the_report(tmp_path, monkeypatch):
     cfad = edited_harness(tmp_path / "cfad", region.replace(decode, "\n" + CFAD_ATTRIBUTES + decode))
     unnamed = edited_harness(tmp_path / "b", region.replace(decode, "\n" + TOPK_ATTRIBUTES + decode).replace(
         "self.conf_threshold = conf_threshold", "self.conf_threshold = 2.0"))
-    for script in (None, cfad, unnamed):
+    for script in (edited_harness(tmp_path / "shipped", region), cfad, unnamed):
         out = run_cli(*args, script=script)
         assert out.returncode == 0, out.stderr[-3000:]
     summaries = {}

@@ -14,6 +14,7 @@ import pytest
 import custom_demask_eval as cde
 from demask import report
 from conftest import REPO
+from honest_samples import add_samples
 
 FIXTURE = os.path.join(REPO, "tests", "fixtures", "report_results")
 SMALL = ["--label", "llada-math", "--limit", "2", "--batch_size", "2", "--gen_length", "4", "--block_length", "4"]
@@ -99,6 +100,7 @@ def section(report, title):
 def test_report_from_fixture_results(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
+    add_samples(results)  # the fixture's summaries alone: no run can be re-derived, none is shown
     os.utime(results / "tiny-math" / "thr-0.9-partial" / "summary.json", (0, 0))
     cde.main(["report", str(results)])
     report = (results / "report.md").read_text()
@@ -194,15 +196,17 @@ def test_seeds_run_aggregates_and_report_shows_error_bars(tmp_path, tiny_llada):
 
 
 def write_traces(run_dir, n=3):
+    """A trace on the first n records of the run's samples.jsonl."""
     trace = dict(forwards=2, tokens=[5, 6, 7, 8], commit_step=[0, 0, 1, 1], confidence=[0.9] * 4, undone=[])
+    records = [json.loads(line) for line in open(run_dir / "samples.jsonl")]
     with open(run_dir / "samples.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps(dict(id=f"s/{i}", prompt="p", correct=i % 2 == 0, trace=trace)) + "\n")
+        for i, r in enumerate(records):
+            f.write(json.dumps(dict(r, trace=trace) if i < n else r) + "\n")
 
 
 def test_report_reads_each_samples_file_at_most_once(tmp_path, monkeypatch):
-    """The order figures and report.html both show a run's traces; its samples.jsonl is read once,
-    and only for the runs shown (a cell of two seeds: its newer run)."""
+    """Every run's samples.jsonl is read once: to re-derive its verdicts and metrics; the order
+    figures and report.html show the traces of those records (a cell of two seeds: its newer run)."""
     results = tmp_path / "results"
     shutil.copytree(FIXTURE, results)
     math_runs = results / "tiny-math"
@@ -211,6 +215,7 @@ def test_report_reads_each_samples_file_at_most_once(tmp_path, monkeypatch):
     summary["config"]["seed"] += 1
     (math_runs / "klass-seed2").mkdir()
     json.dump(summary, open(math_runs / "klass-seed2" / "summary.json", "w"))
+    add_samples(results)
     os.utime(math_runs / "klass" / "summary.json", (1, 1))
     for run in ("cg-k1", "cg-k2", "thr-0.9", "thr-0.9-partial", "klass", "klass-seed2"):
         write_traces(math_runs / run)
@@ -227,7 +232,8 @@ def test_report_reads_each_samples_file_at_most_once(tmp_path, monkeypatch):
     monkeypatch.undo()
 
     shown = ["tiny-code/cg-k1", "tiny-math/cg-k1", "tiny-math/cg-k2", "tiny-math/klass-seed2", "tiny-math/thr-0.9"]
-    assert opened == collections.Counter(shown)
+    every = [os.path.relpath(root, results) for root, _, files in os.walk(results) if "samples.jsonl" in files]
+    assert len(every) == 16 and opened == collections.Counter(every)
     board = (results / "report.md").read_text()
     klass = table_row(board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "—"])
     assert klass[-2] == "200×2 seeds"
