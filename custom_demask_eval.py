@@ -47,6 +47,7 @@ from demask.decoders import (DECODERS, POSITION_SCORES, BlockDecoder, KlassDecod
 from demask.records import json_line, merge_samples, parse_samples_file, read_records, rewrite
 from demask.settings import RUN_KEYS, RunSettings
 from demask.tasks import TASKS, InputError, encode_prompt
+from demask.verdicts import read_checked, rederived_run_metrics
 
 
 # --- EDITABLE REGION START ---
@@ -233,21 +234,19 @@ def progress(task, records, total):
     return f"TRAIN_METRICS: {task.name} {len(records)}/{total} " + " ".join(fields)
 
 
-REJUDGE = False  # --rejudge (parse_args sets it): run_eval corrects earlier records that their judge disagrees with
 
 
-def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1):
+def run_eval(run, lm, decoder, task, samples, run_dir, rank=0, world=1, rejudge=False):
     """Decode and judge this process's share of the samples not yet in the run directory.
     Returns the records of this process (those of earlier attempts included: checked and re-judged,
     demask/verdicts.py; a disagreement is an InputError, or with --rejudge corrected in the file)."""
     from tqdm import tqdm
-    from demask.verdicts import read_checked
     mine = {s["id"] for s in samples[rank::world]}
     path = os.path.join(run_dir, "samples.jsonl" if world == 1 else f"samples.rank{rank}.jsonl")
     wanted = {s["id"] for s in samples}
-    if REJUDGE and world > 1:
+    if rejudge and world > 1:
         raise InputError("--rejudge rewrites the records of earlier attempts: run it in one process")
-    records = read_checked(run_dir, run, task, samples, only=mine, rejudge=REJUDGE)
+    records = read_checked(run_dir, run, task, samples, only=mine, rejudge=rejudge)
     if os.path.exists(path):
         rewrite(path, parse_samples_file(path, wanted))  # drops a line cut off by a crash before appending
     done = {r["id"] for r in records}
@@ -397,7 +396,7 @@ def open_run_dir(run_dir, run, rank, world, message):
         torch.distributed.barrier()
 
 
-def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=True):
+def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=True, rejudge=False):
     """Evaluate one resolved configuration with a loaded model (main: once; a sweep: per
     configuration); `show` prints the final lines."""
     for s in samples:
@@ -405,7 +404,7 @@ def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=Tru
             s["prompt_ids"] = encode_prompt(lm, s)
     decoder = build_decoder(run.decoder, lm.mask_id, run, run.decoder_args)
     lm.renew_decoder_tokenizer()  # what an earlier configuration's decoder did to its copy stays there
-    run_eval(run, lm, decoder, task, samples, run_dir, rank, world)
+    run_eval(run, lm, decoder, task, samples, run_dir, rank, world, rejudge)
     if world > 1:
         torch.distributed.barrier()
     metrics = None
@@ -593,9 +592,8 @@ def run_sweep(args):
                 print(f"sweep {i + 1}/{len(plan)}: {run_dir} is complete, skipped (its metrics re-derived from its "
                       "samples)", file=sys.stderr)
             # not trusted: its records checked and re-judged, its metrics recomputed instead of summary.json's
-            from demask import verdicts
-            results.append((run_dir, verdicts.rederived_run_metrics(run_dir, run, task, samples, device or run.device,
-                                                                    rejudge=args.rejudge) if rank == 0 else None))
+            results.append((run_dir, rederived_run_metrics(run_dir, run, task, samples, device or run.device,
+                                                           rejudge=args.rejudge) if rank == 0 else None))
             continue
         if lm is None:
             preflight(run, rank)
@@ -603,7 +601,7 @@ def run_sweep(args):
         open_run_dir(run_dir, run, rank, world, f"sweep {i + 1}/{len(plan)}: run directory {run_dir}")
         try:
             results.append((run_dir, evaluate(run, lm, task, samples, run_dir, time.time(), rank, world,
-                                              show=not args.seeds)))
+                                              show=not args.seeds, rejudge=args.rejudge)))
         finally:
             if rank == 0:
                 remove_if_empty(run_dir)
@@ -708,8 +706,6 @@ def parse_args(argv):
         sys.exit(EXIT_CODES["usage"])
     args = p.parse_args(argv)
     check_ranges(args)
-    global REJUDGE
-    REJUDGE = args.rejudge  # allowed with --resume (not a run setting)
     return args
 
 
@@ -878,13 +874,15 @@ def report_main(argv):
     p.add_argument("results_dir", help="folder searched recursively for summary.json files")
     p.add_argument("--out", help="report file (default: RESULTS_DIR/report.md; plots and report.csv beside it)")
     p.add_argument("--plugin", action="append", default=[], help="plugin files, for their registry entries")
+    p.add_argument("--x", choices=("steps", "seconds"), default="steps",
+                   help="the Pareto plots' x axis: avg_steps (default) or decoding seconds per sample")
     args = p.parse_args(argv)
     if not os.path.isdir(args.results_dir):
         fail(f"results folder {args.results_dir!r} not found")
     load_plugins(args.plugin)
     defaults = {name: run.to_json() for name, run in LABELS.items()}
     try:
-        out, n = report.write_report(args.results_dir, args.out, defaults, list(RUN_KEYS))
+        out, n = report.write_report(args.results_dir, args.out, defaults, list(RUN_KEYS), args.x)
     except ValueError as e:
         fail(str(e))
     print(f"report: {out} ({n} runs)", file=sys.stderr)
@@ -931,7 +929,7 @@ def run_main(args):
     open_run_dir(run_dir, run, rank, world, f"run directory: {run_dir}" + (f" ({world} processes)" if world > 1 else ""))
     try:
         lm = load_model(run.model, device=device or run.device)
-        metrics = evaluate(run, lm, task, samples, run_dir, started, rank, world)
+        metrics = evaluate(run, lm, task, samples, run_dir, started, rank, world, rejudge=args.rejudge)
     finally:
         if not args.resume and rank == 0:
             remove_if_empty(run_dir)

@@ -89,6 +89,7 @@ class ReportRun:
     params: dict
     tokens_per_forward: float | None
     pb_tps: float | None
+    seconds: float | None = None    # decoding seconds per sample (summary.json's cost; runs before it: None)
     score_std: float = 0.0
     n_seeds: int = 1
     source: ReportRun | None = field(default=None, repr=False)
@@ -183,7 +184,8 @@ def read_run(results_dir, root, path, label_defaults, run_keys, rederive=None):
         kind=kind, metric=metric, score=percent(metrics.get(metric)),
         scorer_lm=scorer_lm(cfg, details) if kind == "text" else None, type=method_type, rep_name=rep_name,
         rep=rep, params=run_params(cfg, decoder, label_defaults.get(label, {}), run_keys),
-        tokens_per_forward=tokens_per_forward, traced=traced,
+        tokens_per_forward=tokens_per_forward, traced=traced, seconds=(summary.get("cost") or {}).get(
+            "decode_seconds_per_sample"),
         pb_tps=cfg["gen_length"] / cfg["steps"] if method_type == "topk" else tokens_per_forward)
 
 
@@ -407,7 +409,8 @@ def merge_seeds(runs):
         newest, score=float(np.mean(scores)) if scores else None, metrics=metrics, order=order,
         score_std=float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0, avg_steps=steps,
         tokens_per_forward=newest.cfg["gen_length"] / steps, pb_tps=float(np.mean([r.pb_tps for r in runs])),
-        n=min(r.n for r in runs), n_seeds=len(runs), source=newest)
+        n=min(r.n for r in runs), n_seeds=len(runs), source=newest,
+        seconds=float(np.mean([r.seconds for r in runs])) if all(r.seconds for r in runs) else None)
 
 
 # ---------------------------------------------------------------------------
@@ -476,7 +479,7 @@ def family_colors(n):
     return [plt.cm.turbo(i / (n - 1)) for i in range(n)]
 
 
-def plot_pareto(points, title, ylabel, path):
+def plot_pareto(points, title, ylabel, path, xlabel="avg_steps (forwards per sample, log scale)"):
     """points: a ParetoPoint per configuration, families in the order of their first point; one
     colour per family, error bars ± std, every point labelled with its text (front points in black,
     the others smaller in grey). Returns the legend's labels."""
@@ -500,7 +503,7 @@ def plot_pareto(points, title, ylabel, path):
     ax.xaxis.set_major_formatter(ticks)
     ax.xaxis.set_minor_formatter(ticks)
     ax.tick_params(axis="x", which="minor", labelsize=7)
-    ax.set_xlabel("avg_steps (forwards per sample, log scale)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
@@ -593,7 +596,8 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
     for label in labels:
         metric = next((r.metric for r in mine if r.label == label), "score")
         shown = list(TEXT_METRICS) if text else [metric if metric != "accuracy" else "acc"]
-        head += [f"{label} {m}" for m in shown] + [f"{label} {c}" for c in ("steps", "tok/step", "τ", "ρ", "n")]
+        head += [f"{label} {m}" for m in shown] + [f"{label} {c}" for c in ("steps", "tok/step", "s/sample", "τ", "ρ",
+                                                                                "n")]
     head.append("runs")
     lines = [f"### Leaderboard ({'text labels' if text else 'accuracy labels'})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -613,7 +617,7 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
 
 def label_cells(run, text):
     if run is None:
-        return ["—"] * ((len(TEXT_METRICS) if text else 1) + 5)
+        return ["—"] * ((len(TEXT_METRICS) if text else 1) + 6)
     if text:
         values = [run.metrics.get(m) for m in TEXT_METRICS]
         values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
@@ -622,21 +626,21 @@ def label_cells(run, text):
         values = [score_text(run.score, run.score_std)]
     order = [fmt(run.order.get(k), 2) for k in ("kendall_tau", "spearman_rho")]
     n = f"{run.n}×{run.n_seeds} seeds" if run.n_seeds > 1 else str(run.n)
-    return values + [fmt(run.avg_steps), fmt(run.tokens_per_forward, 2), *order, n]
+    return values + [fmt(run.avg_steps), fmt(run.tokens_per_forward, 2), fmt(run.seconds, 3), *order, n]
 
 
 def score_text(score, std):
     return fmt(score) + (f" ± {std:.1f}" if std else "")
 
 
-def pareto_sections(kind, model, mine, runs, cells, out_dir):
+def pareto_sections(kind, model, mine, runs, cells, out_dir, x_axis="steps"):
     lines = []
     for label, scorer_lm in sorted({(lab, r.scorer_lm) for (rk, lab), r in cells.items()},
                                    key=lambda t: (t[0], str(t[1]))):
         pts = [r for (rk, lab), r in cells.items() if lab == label and r.scorer_lm == scorer_lm
                and r.score is not None and r.avg_steps > 0]
         if pts:
-            lines += pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir)
+            lines += pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir, x_axis)
             if kind == "accuracy":
                 lines += pbx_aup_lines(label, pts)
     return lines
@@ -651,16 +655,27 @@ def plot_name(label, scorer_lm, model, mine, runs):
     return name + ".png"
 
 
-def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir):
+X_AXES = {"steps": ("avg_steps", "steps", "avg_steps (forwards per sample, log scale)"),
+          "seconds": ("seconds", "s/sample", "decoding seconds per sample (log scale)")}
+
+
+def pareto_section(label, scorer_lm, model, mine, runs, pts, out_dir, x_axis="steps"):
+    """The label's Pareto plot and front: the metric against avg_steps, or (x_axis "seconds") against
+    the decoding seconds per sample, where runs without them are left out."""
     metric, short_model = pts[0].metric, os.path.basename(model.rstrip("/"))
     name = plot_name(label, scorer_lm, model, mine, runs)
-    points = [ParetoPoint(r.avg_steps, r.score, r.family, point_text(r), r.score_std) for r in sorted(pts, key=row_sort)]
+    field_name, unit, xlabel = X_AXES[x_axis]
+    pts = [r for r in pts if getattr(r, field_name)]
+    if not pts:
+        return [f"### {label}: no run records {unit}", ""]
+    points = [ParetoPoint(getattr(r, field_name), r.score, r.family, point_text(r), r.score_std)
+              for r in sorted(pts, key=row_sort)]
     scored = f", scorer {scorer_lm}" if scorer_lm else ""
-    plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs avg_steps", f"{metric} (%)",
-                os.path.join(out_dir, name))
+    plot_pareto(points, f"{label} ({short_model}{scored}): {metric} vs {field_name}", f"{metric} (%)",
+                os.path.join(out_dir, name), xlabel)
     front = pareto_front(points)
-    return [f"### {label}{scored}: Pareto front ({metric} vs avg_steps)", "", f"![{label}]({name})", "",
-            "Front: " + "; ".join(f"{p.text} ({score_text(p.score, p.score_std)} @ {fmt(p.steps)} steps)"
+    return [f"### {label}{scored}: Pareto front ({metric} vs {field_name})", "", f"![{label}]({name})", "",
+            "Front: " + "; ".join(f"{p.text} ({score_text(p.score, p.score_std)} @ {fmt(p.steps, 3 if x_axis == 'seconds' else 1)} {unit})"
                                   for p in front), ""]
 
 
@@ -722,7 +737,7 @@ def order_lines(kind, cells, out_dir):
     return lines + [""]
 
 
-def model_lines(model, runs, out_dir):
+def model_lines(model, runs, out_dir, x_axis="steps"):
     mine = [r for r in runs if r.model == model]
     lines = [f"## Model `{model}`", ""]
     for kind in ("accuracy", "text"):
@@ -731,7 +746,7 @@ def model_lines(model, runs, out_dir):
             continue
         cells, counts, rows = choose_runs([r for r in mine if r.kind == kind])
         lines += leaderboard_lines(kind, labels, mine, cells, counts, rows)
-        lines += pareto_sections(kind, model, mine, runs, cells, out_dir)
+        lines += pareto_sections(kind, model, mine, runs, cells, out_dir, x_axis)
         if kind == "accuracy":
             lines += all_labels_pbx_lines(labels, rows, cells)
         lines += order_lines(kind, cells, out_dir)
@@ -742,13 +757,14 @@ def csv_rows(model, mine):
     return [dict(model=model, label=r.label, decoder=r.decoder, method_type=r.type, rep_param=r.rep_name,
                  rep_value=r.rep, params=json.dumps(r.params, default=str), scorer_lm=r.scorer_lm, metric=r.metric,
                  score=r.score, avg_steps=r.avg_steps, tokens_per_step=r.tokens_per_forward, tps=r.pb_tps,
+                 seconds_per_sample=r.seconds,
                  n_samples=r.n, kendall_tau=r.order.get("kendall_tau"), spearman_rho=r.order.get("spearman_rho"),
                  run_dir=r.dir, fingerprint=r.fingerprint, cache=r.cfg.get("cache", "none"), family=r.family,
                  version=r.version)
             for r in sorted(mine, key=lambda r: (r.label, row_sort(r), r.dir))]
 
 
-def write_report(results_dir, out, label_defaults, run_keys):
+def write_report(results_dir, out, label_defaults, run_keys, x_axis="steps"):
     """report.md (+ report.csv, pareto_<label>.png, order_<run>.png and report.html) for every
     summary.json under results_dir. label_defaults: {label: its settings}, to tell which settings
     a run changed."""
@@ -761,7 +777,7 @@ def write_report(results_dir, out, label_defaults, run_keys):
     os.makedirs(out_dir, exist_ok=True)
     lines, rows = header_lines(results_dir, runs, problems, out_dir), []
     for model in sorted({r.model for r in runs}):
-        lines += model_lines(model, runs, out_dir)
+        lines += model_lines(model, runs, out_dir, x_axis)
         rows += csv_rows(model, [r for r in runs if r.model == model])
     with open(out, "w") as f:
         f.write("\n".join(lines).rstrip() + "\n")

@@ -178,3 +178,24 @@ def test_cost_in_seconds_tokens_and_model_work(tmp_path):
         assert c["tokens_per_forward"] == round(64 / s["metrics"]["avg_steps"], 3)
         assert c["tokens_per_second"] == round(64 / c["decode_seconds_per_sample"], 1) or abs(
             c["tokens_per_second"] - 64 / c["decode_seconds_per_sample"]) / c["tokens_per_second"] < 0.01
+
+
+def test_report_shows_seconds_and_can_plot_them(tmp_path):
+    results = tmp_path / "r"
+    out = run_cli("--label", "tiny-math", "--limit", "6", "--sweep", "threshold;confidence_greedy",
+                  "--results_dir", str(results))
+    assert out.returncode == 0, out.stderr
+    assert run_cli("report", str(results)).returncode == 0
+    board = (results / "report.md").read_text()
+    head = next(l for l in board.splitlines() if l.startswith("| decoder |"))
+    assert "tiny-math s/sample" in head
+    summaries = {json.load(open(p))["decoder"]: json.load(open(p)) for p in results.glob("tiny-math/*/summary.json")}
+    row = next(l for l in board.splitlines() if l.startswith("| threshold"))
+    assert f"{summaries['threshold']['cost']['decode_seconds_per_sample']:.3f}" in row.split(" | ")
+    csv = (results / "report.csv").read_text()
+    assert "seconds_per_sample" in csv.splitlines()[0]
+    by_seconds = run_cli("report", str(results), "--x", "seconds", "--out", str(tmp_path / "s" / "report.md"))
+    assert by_seconds.returncode == 0, by_seconds.stderr
+    text = (tmp_path / "s" / "report.md").read_text()
+    assert "Pareto front (accuracy vs seconds)" in text and " s/sample)" in text
+    assert (tmp_path / "s" / "pareto_tiny-math.png").exists()

@@ -109,7 +109,7 @@ def test_edited_decoders_are_separate_named_families(tmp_path, monkeypatch):
     assert table_row(board, [shipped, "adaptive", "conf_threshold=0.9", "—", "confidence"])[5] == "60.0"
     assert table_row(board, [shipped, "adaptive", "conf_threshold=0.7", "—", "confidence"])[5] == "55.0"
     cell = table_row(board, ["cfad", "schedule", "factor=2", "—", "margin"])
-    assert cell[5] == "75.0 ± 7.1" and cell[10] == "100×2 seeds"
+    assert cell[5] == "75.0 ± 7.1" and cell[11] == "100×2 seeds"
     assert table_row(board, ["cfad", "schedule", "factor=3", "—", "margin"])[5] == "65.0"
     assert table_row(board, [edited, "topk", "k=2", "steps=32", "confidence"])[5] == "50.0"
     assert table_row(board, ["threshold", "threshold", "alg_threshold=0.9", "—", "confidence"])[5] == "58.0"
@@ -170,7 +170,7 @@ def test_without_code_hash_each_fingerprint_is_a_family(tmp_path, monkeypatch):
     md = (results / "report.md").read_text()
     board = section(md, "### Leaderboard (accuracy labels)")
     first = table_row(board, ["default@ffff0001 (2026-01-11)", "adaptive", "conf_threshold=0.9"])
-    assert first[5] == "61.5 ± 0.7" and first[10] == "100×2 seeds"
+    assert first[5] == "61.5 ± 0.7" and first[11] == "100×2 seeds"
     assert table_row(board, ["default@ffff0002 (2026-01-15)", "adaptive"])[5] == "50.0"
     assert table_row(board, ["cfad@c0de0001 (2026-01-01)", "schedule", "factor=2"])[5] == "70.0"
     assert table_row(board, ["cfad@c0de0002 (2026-01-01)", "schedule", "factor=2"])[5] == "72.0"

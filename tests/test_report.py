@@ -114,17 +114,17 @@ def test_report_from_fixture_results(tmp_path):
     board, text_board = section(tiny, "### Leaderboard (accuracy labels)"), section(tiny, "### Leaderboard (text labels)")
     # leaderboard: tiny-code columns first (labels sorted), then tiny-math
     assert table_row(board, ["confidence_greedy", "topk", "k=1"])[5:] == (
-        ["80.0", "64.0", "1.00", "—", "—", "200", "95.0", "64.0", "1.00", "—", "—", "200", "2"])
+        ["80.0", "64.0", "1.00", "—", "—", "—", "200", "95.0", "64.0", "1.00", "—", "—", "—", "200", "2"])
     assert table_row(board, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == (
-        ["70.0", "32.0", "2.00", "—", "—", "200", "93.0", "32.0", "2.00", "—", "—", "200", "2"])
+        ["70.0", "32.0", "2.00", "—", "—", "—", "200", "93.0", "32.0", "2.00", "—", "—", "—", "200", "2"])
     # the 200-sample run wins over the older 50-sample one of the same configuration
     threshold = table_row(board, ["threshold", "threshold", "alg_threshold=0.9"])
-    assert threshold[11:] == ["92.0", "20.0", "3.20", "—", "—", "200", "3"]
+    assert threshold[12:] == ["92.0", "20.0", "3.20", "—", "—", "—", "200", "3"]
     assert table_row(section(other, "### Leaderboard (accuracy labels)"), ["confidence_greedy", "topk", "k=1"])[5:] == (
-        ["50.0", "64.0", "1.00", "—", "—", "200", "1"])
+        ["50.0", "64.0", "1.00", "—", "—", "—", "200", "1"])
     # text rows keyed by scorer LM; the scorer actually used (details, after a fallback) wins
     assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "gpt2-large"])[6:] == (
-        ["25.10", "45.00", "5.00", "0.110", "30.0", "1.60", "—", "—", "200", "1"])
+        ["25.10", "45.00", "5.00", "0.110", "30.0", "1.60", "—", "—", "—", "200", "1"])
     assert table_row(text_board, ["klass", "adaptive", "kl_threshold=0.01", "—", "confidence", "smollm2-135m"])[6] == "30.50"
     assert table_row(text_board, ["threshold", "threshold", "alg_threshold=0.9"])[5:8] == ["smollm2-135m", "40.00", "30.00"]
     assert "Front: threshold alg_threshold=0.9 (30.0 @ 12.0 steps); klass (42.0 @ 30.0 steps)" in (
