@@ -188,7 +188,8 @@ def test_resume_after_interruption_gives_same_summary(tmp_path, tiny_llada):
 
 
 def test_text_label_end_to_end(tmp_path, tiny_dream):
-    out = run_cli(tmp_path, "--label", "dream-text", "--model_path", tiny_dream, "--limit", "10", "--batch_size", "5",
+    out = run_cli(tmp_path, "--label", "dream-text", "--decoder", "klass", "--model_path", tiny_dream, "--limit", "10",
+                  "--batch_size", "5",
                   "--gen_length", "16", "--steps", "32", "--block_length", "16", "--scorer", "smollm2-135m")
     assert out.returncode == 0, out.stderr
     assert re.search(r"^TRAIN_METRICS: text 10/10 avg_steps=16\.0 rep2=\d\.\d{3}$", out.stdout, re.M)

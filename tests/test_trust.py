@@ -292,8 +292,8 @@ def test_rule_violation_keeps_finished_samples(monkeypatch, capsys, tmp_path, ti
 
 
 def test_ctrl_c_keeps_samples_and_exits_130(tmp_path, tiny_llada):
-    cmd = [sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--label", "llada-math", "--model_path",
-           tiny_llada, "--limit", "500", "--batch_size", "1", "--gen_length", "64", "--steps", "64",
+    cmd = [sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--label", "llada-math", "--decoder", "klass",
+           "--model_path", tiny_llada, "--limit", "500", "--batch_size", "1", "--gen_length", "64", "--steps", "64",
            "--block_length", "64", "--results_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -431,40 +431,8 @@ def test_guidance_rows_are_counted_and_checked(tiny_llada):
     assert counted == [8, 8] and reported == [4, 4]  # 4 calls of 2B rows: 2 forwards per sample each
 
 
-ORIGINAL_HARNESS_DECODER = '''
-class DemaskDecoder:
-    """LLaDA generate.py style: batch 1, low-confidence remasking."""
-
-    def __init__(self, mask_id, temperature=0.0, conf_threshold=0.9, kl_threshold=0.01, history_length=2):
-        self.mask_id = mask_id
-
-    @torch.no_grad()
-    def decode(self, model, input_ids, gen_length, steps, block_length):
-        prompt_len = input_ids.shape[1]
-        x = torch.full((1, prompt_len + gen_length), self.mask_id, dtype=torch.long).to(model.device)
-        x[:, :prompt_len] = input_ids.clone()
-        num_blocks = gen_length // block_length
-        steps = steps // num_blocks
-        for num_block in range(num_blocks):
-            block_mask_index = (x[:, prompt_len + num_block * block_length:
-                                  prompt_len + (num_block + 1) * block_length] == self.mask_id)
-            num_transfer_tokens = get_num_transfer_tokens(block_mask_index, steps)
-            for i in range(steps):
-                mask_index = (x == self.mask_id)
-                logits = model(x).logits
-                x0 = torch.argmax(logits, dim=-1)
-                p = F.softmax(logits.to(torch.float64), dim=-1)
-                x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
-                x0_p[:, prompt_len + (num_block + 1) * block_length:] = -np.inf
-                x0 = torch.where(mask_index, x0, x)
-                confidence = torch.where(mask_index, x0_p, -np.inf)
-                transfer_index = torch.zeros_like(x0, dtype=torch.bool, device=x0.device)
-                for j in range(confidence.shape[0]):
-                    _, select_index = torch.topk(confidence[j], k=num_transfer_tokens[j, i])
-                    transfer_index[j, select_index] = True
-                x[transfer_index] = x0[transfer_index]
-        return x, steps * num_blocks
-'''
+# A decoder written for the original harness: LLaDA generate.py's loop, batch 1 (tests/fixtures).
+ORIGINAL_HARNESS_DECODER = open(os.path.join(REPO, "tests", "fixtures", "original_harness_decoder.py")).read()
 
 
 @pytest.mark.parametrize("label", ["tiny-math", "tiny-code", "tiny-text"])
