@@ -679,7 +679,9 @@ def parse_args(argv):
         description="Evaluate a demasking strategy of a masked diffusion LM.",
         epilog="subcommands:\n  report RESULTS_DIR   leaderboard, Pareto plots, PBx and AUP from run directories "
                "(report --help)\n  decoders [NAME]      the registered decoders, their parameters, defaults and "
-               "allowed values", formatter_class=argparse.RawDescriptionHelpFormatter)
+               "allowed values"
+               "\n  compare RUN_A RUN_B  paired B − A statistics of two runs on the same samples (compare --help)",
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label", help=f"benchmark label: {', '.join(LABELS)}")
     p.add_argument("--model_path", help="local folder or hub id (default: the label's model)")
     p.add_argument("--decoder", help=f"decoder (default: default): {', '.join(DECODERS)}")
@@ -910,6 +912,37 @@ def decoders_main(argv):
             print(f"  {key:20s} {default!r:22} {allowed}{'  (fixed by this entry)' if fixed else ''}")
 
 
+def compare_main(argv):
+    """`compare RUN_A RUN_B`: paired differences B − A on the same samples (demask/compare.py,
+    docs/compare.md). Exit 0, 2 (bad arguments; different tasks, data or sample sets), 4 (a run
+    that cannot be read)."""
+    from demask import compare
+    p = argparse.ArgumentParser(prog="custom_demask_eval.py compare",
+                                description="Paired statistics of two runs on the same samples (B − A): the metric's "
+                                            "difference with a bootstrap interval over items, McNemar's exact p for "
+                                            "0/1 verdicts, avg_steps' difference, the items that flip each way.")
+    p.add_argument("run_a", help="run directory A")
+    p.add_argument("run_b", help="run directory B (differences are B − A)")
+    p.add_argument("--bootstrap", type=int, default=compare.N_BOOT, help="bootstrap resamples (default 10000)")
+    p.add_argument("--seed", type=int, default=compare.SEED, help="bootstrap seed (default 0)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    args = p.parse_args(argv)
+    if args.bootstrap < 1 or args.seed < 0:
+        fail("--bootstrap must be >= 1 and --seed >= 0")
+    for run_dir in (args.run_a, args.run_b):
+        if not os.path.isdir(run_dir):
+            fail(f"run directory {run_dir!r} not found")
+    try:
+        result = compare.compare_runs(args.run_a, args.run_b, args.bootstrap, args.seed)
+    except compare.Mismatch as e:
+        fail(str(e))
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_CODES["input"])
+    print(json.dumps(result.to_json(), indent=2) if args.json else compare.format_comparison(result))
+    return result
+
+
 def run_main(args):
     """One configuration: resolve it, load the samples, open the run directory, load the model, evaluate."""
     if args.sweep and (args.resume or args.decoder or args.decoder_args):
@@ -1016,6 +1049,8 @@ def main(argv=None):
         return report_main(argv[1:])
     if argv[:1] == ["decoders"]:
         return decoders_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     args = parse_args(argv)
     load_plugins(args.plugin)
     set_threads(args, args.device)

@@ -21,10 +21,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import REPO, report_html, trajectories, verdicts
+from . import REPO, compare, report_html, trajectories, verdicts
 from .decoders import DECODERS, method_config_keys, method_position_score
 from .kvcache import MODES
-from .tasks import TASKS, InputError
+from .tasks import TASKS, InputError, TextTask
 
 ACCURACY_METRICS = ("accuracy", "pass@1")
 TEXT_METRICS = ("gen_ppl", "mauve", "entropy", "rep2")
@@ -50,6 +50,11 @@ HEADER_NOTES = [
     "disagree with their judge, whose summary.json metrics differ from the re-derived ones, or that has no "
     "samples.jsonl is not shown (listed below). Not re-derived: gen_ppl, MAUVE and entropy of text runs (they "
     "need the scorer LM) are summary.json's.",
+    "- `≈` after an acc / pass@1 score: not significantly different from the label's best row (the highest score, "
+    "the first row on a tie): the 95 % paired bootstrap interval over items of the row's difference from it "
+    "(10,000 resamples, seed 0, percentile; `compare RUN_A RUN_B`, docs/compare.md) holds 0. Only rows of one run "
+    "with records on the same samples as a best row of one run are compared; the others (cells over several seeds, "
+    "other sample sets, text labels) are never marked.",
 ]
 
 # ---------------------------------------------------------------------------
@@ -98,6 +103,7 @@ class ReportRun:
     family_sort: tuple = ()         # the family's place: editable decoder, registry order, name, cache, date
     summary: str = ""               # the decoder class's `summary` (decoder_info)
     traced: list = field(default_factory=list, repr=False)  # its checked records that have a trace
+    items: dict = field(default_factory=dict, repr=False)   # accuracy runs: sample id -> 1.0 / 0.0 verdict (≈ mark)
 
     @property
     def shown(self):
@@ -136,7 +142,7 @@ class Rederivation:
         self.tasks, self.cache = {}, None
 
     def __call__(self, root, cfg, stored):
-        """(metrics, traced records) of the run in `root`: its records checked and re-judged, its
+        """(metrics, traced records, items) of the run in `root`: its records checked and re-judged, its
         metrics re-derived; summary.json's `stored` metrics must agree (else ValueError). A text
         run keeps summary.json's scorer metrics, which cannot be re-derived without the scorer LM."""
         run = verdicts.settings_from_config(cfg)
@@ -155,14 +161,15 @@ class Rederivation:
         differs = verdicts.metric_differences(stored, derived)
         if differs:
             raise ValueError("summary.json's metrics are not those of its samples: " + "; ".join(differs))
-        return dict(stored, **derived), [r for r in records if "trace" in r]
+        items = compare.items_of(task, records)[2] if not isinstance(task, TextTask) else {}
+        return dict(stored, **derived), [r for r in records if "trace" in r], items
 
 
 def read_run(results_dir, root, path, label_defaults, run_keys, rederive=None):
     with open(path) as f:
         summary = json.load(f)
     cfg = summary["config"]
-    metrics, traced = (rederive or Rederivation())(root, cfg, summary["metrics"])
+    metrics, traced, items = (rederive or Rederivation())(root, cfg, summary["metrics"])
     label, decoder = summary.get("label") or cfg["label"], summary.get("decoder") or cfg["decoder"]
     details, avg_steps = summary.get("details") or {}, float(metrics["avg_steps"])
     kind = "accuracy" if any(m in metrics for m in ACCURACY_METRICS) else "text"
@@ -184,7 +191,7 @@ def read_run(results_dir, root, path, label_defaults, run_keys, rederive=None):
         kind=kind, metric=metric, score=percent(metrics.get(metric)),
         scorer_lm=scorer_lm(cfg, details) if kind == "text" else None, type=method_type, rep_name=rep_name,
         rep=rep, params=run_params(cfg, decoder, label_defaults.get(label, {}), run_keys),
-        tokens_per_forward=tokens_per_forward, traced=traced, seconds=(summary.get("cost") or {}).get(
+        tokens_per_forward=tokens_per_forward, traced=traced, items=items, seconds=(summary.get("cost") or {}).get(
             "decode_seconds_per_sample"),
         pb_tps=cfg["gen_length"] / cfg["steps"] if method_type == "topk" else tokens_per_forward)
 
@@ -601,12 +608,13 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
     head.append("runs")
     lines = [f"### Leaderboard ({'text labels' if text else 'accuracy labels'})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    near = set() if text else {(rk, label) for label in labels for rk in near_best(label, rows, cells)}
     for rk, first in sorted(rows.items(), key=lambda kv: row_sort(kv[1])):
         rep = f"{first.rep_name}={fmt_param(first.rep)}" if first.rep_name else "—"
         cols = [row_name(first), first.type, rep, params_text(first.params, skip=first.rep_name),
                 fmt_param(run_position_score(first))] + ([str(first.scorer_lm)] if text else [])
         for label in labels:
-            cols += label_cells(cells.get((rk, label)), text)
+            cols += label_cells(cells.get((rk, label)), text, near=(rk, label) in near)
         cols.append(str(sum(counts.get((rk, label), 0) for label in labels)))
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cols) + " |")
     described = {r.family: r.summary for r in sorted(rows.values(), key=row_sort) if r.summary}
@@ -615,7 +623,25 @@ def leaderboard_lines(kind, labels, mine, cells, counts, rows):
     return lines + [""]
 
 
-def label_cells(run, text):
+def near_best(label, rows, cells):
+    """The rows of an accuracy label whose score is not significantly different from the best row's
+    (the highest score, the first in row order on a tie): the 95 % paired bootstrap interval of the
+    row's per-item verdicts minus the best row's holds 0 (compare.interval_holds_zero). Only cells of
+    one run (not merged seeds) with records on the same sample ids as a best cell of one run."""
+    scored = [(rk, cells[(rk, label)]) for rk in sorted(rows, key=lambda rk: row_sort(rows[rk]))
+              if (rk, label) in cells and cells[(rk, label)].score is not None]
+    if not scored:
+        return set()
+    best_rk, best = max(scored, key=lambda kv: kv[1].score)  # max keeps the first of equal scores
+    if best.n_seeds > 1 or not best.items:
+        return set()
+    ids = sorted(best.items)
+    base = np.array([best.items[i] for i in ids])
+    return {rk for rk, run in scored if rk != best_rk and run.n_seeds == 1 and run.items.keys() == best.items.keys()
+            and compare.interval_holds_zero(base, np.array([run.items[i] for i in ids]))}
+
+
+def label_cells(run, text, near=False):
     if run is None:
         return ["—"] * ((len(TEXT_METRICS) if text else 1) + 6)
     if text:
@@ -623,7 +649,7 @@ def label_cells(run, text):
         values = [fmt(None if v is None else (100 * v if m == "mauve" else float(v)), 2 if m != "rep2" else 3)
                   for m, v in zip(TEXT_METRICS, values)]
     else:
-        values = [score_text(run.score, run.score_std)]
+        values = [score_text(run.score, run.score_std) + (" ≈" if near else "")]
     order = [fmt(run.order.get(k), 2) for k in ("kendall_tau", "spearman_rho")]
     n = f"{run.n}×{run.n_seeds} seeds" if run.n_seeds > 1 else str(run.n)
     return values + [fmt(run.avg_steps), fmt(run.tokens_per_forward, 2), fmt(run.seconds, 3), *order, n]

@@ -113,10 +113,14 @@ def test_report_from_fixture_results(tmp_path):
     assert "## Model `models/tiny-llada`" in tiny
     board, text_board = section(tiny, "### Leaderboard (accuracy labels)"), section(tiny, "### Leaderboard (text labels)")
     # leaderboard: tiny-code columns first (labels sorted), then tiny-math
+    # `≈`: within the 95 % paired bootstrap interval of the label's best row (tiny-math: klass, 192/200 right;
+    # the honest samples nest, so 95.0 = 2 items only klass got right, and (198/200)^200 = 13 % > 2.5 % of the
+    # resamples hold neither: the interval reaches 0; 93.0 = 6 such items, (194/200)^200 = 0.2 %: it does not)
     assert table_row(board, ["confidence_greedy", "topk", "k=1"])[5:] == (
-        ["80.0", "64.0", "1.00", "—", "—", "—", "200", "95.0", "64.0", "1.00", "—", "—", "—", "200", "2"])
+        ["80.0", "64.0", "1.00", "—", "—", "—", "200", "95.0 ≈", "64.0", "1.00", "—", "—", "—", "200", "2"])
     assert table_row(board, ["confidence_greedy", "topk", "k=2", "steps=32"])[5:] == (
         ["70.0", "32.0", "2.00", "—", "—", "—", "200", "93.0", "32.0", "2.00", "—", "—", "—", "200", "2"])
+    assert board.count("≈") == 1 and "- `≈` after an acc / pass@1 score" in tiny
     # the 200-sample run wins over the older 50-sample one of the same configuration
     threshold = table_row(board, ["threshold", "threshold", "alg_threshold=0.9"])
     assert threshold[12:] == ["92.0", "20.0", "3.20", "—", "—", "—", "200", "3"]
