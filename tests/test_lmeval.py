@@ -31,41 +31,42 @@ def label_args(cde, label):
                 history_length=run.history_length, batch_size=run.batch_size)
 
 
-def cli_run(cde, label, decoder, results_dir):
+def cli_run(cde, label, decoder, results_dir, limit=None):
     """The harness's own run of a label: (metrics, config.json, records by row index)."""
-    metrics = cde.main(["--label", label, "--decoder", decoder, "--results_dir", str(results_dir)])
+    metrics = cde.main(["--label", label, "--decoder", decoder, "--results_dir", str(results_dir),
+                        *(["--limit", str(limit)] if limit else [])])
     run_dir, = glob.glob(os.path.join(str(results_dir), label, "*"))
     config = json.load(open(os.path.join(run_dir, "config.json")))
     records = [json.loads(line) for line in open(os.path.join(run_dir, "samples.jsonl"))]
     return metrics, config, {int(r["id"].rsplit("/", 1)[1]): r for r in records}
 
 
-def lmeval_run(cde, task, label, decoder, monkeypatch):
+def lmeval_run(cde, task, label, decoder, monkeypatch, limit=None):
     """lm-eval's simple_evaluate on the local task with the `demask` model: (metrics, results, model)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     monkeypatch.chdir(REPO)  # the tasks' data_files are relative to the repository root
     lm = lmeval.DemaskLM(decoder=decoder, **label_args(cde, label))
     results = simple_evaluate(model=lm, tasks=[task], task_manager=TaskManager(include_path=TASKS),
-                              apply_chat_template=True, confirm_run_unsafe_code=True)
+                              apply_chat_template=True, confirm_run_unsafe_code=True, limit=limit)
     return results["results"][task], results, lm
 
 
-@pytest.mark.parametrize("decoder", ["klass", "threshold", "random"])
-def test_tiny_math_equals_the_label(cde, decoder, tmp_path, monkeypatch):
+@pytest.mark.parametrize("decoder,limit", [("klass", None), ("threshold", None), ("random", 32)])
+def test_tiny_math_equals_the_label(cde, decoder, limit, tmp_path, monkeypatch):
     """Accuracy, avg_steps, and per sample the generation and counted forwards, as the CLI's tiny-math
-    (random: the per-batch seeds match too)."""
-    metrics, config, records = cli_run(cde, "tiny-math", decoder, tmp_path)
-    got, results, lm = lmeval_run(cde, "demask_tiny_math", "tiny-math", decoder, monkeypatch)
+    (random: its positions are drawn, so the per-batch seeds must match too; 32 samples, 64 forwards each)."""
+    metrics, config, records = cli_run(cde, "tiny-math", decoder, tmp_path, limit)
+    got, results, lm = lmeval_run(cde, "demask_tiny_math", "tiny-math", decoder, monkeypatch, limit)
     assert got["acc,none"] == pytest.approx(metrics["accuracy"], abs=1e-12)
     assert got["avg_steps,none"] == pytest.approx(metrics["avg_steps"], abs=1e-9)
     mine = {r["doc_id"]: r for r in lm._demask_records}
-    assert sorted(mine) == sorted(records) == list(range(100))
+    assert sorted(mine) == sorted(records) == list(range(limit or 100))
     for i, r in records.items():
         assert (mine[i]["generation"], mine[i]["forwards"], mine[i]["seed"]) == (r["generation"], r["steps"], r["seed"])
     info = results["config"]["demask"]
     assert info["decoder_fingerprint"] == config["decoder_fingerprint"]
-    assert info["environment"]["torch"] == torch.__version__ and info["n_generations"] == 100
+    assert info["environment"]["torch"] == torch.__version__ and info["n_generations"] == (limit or 100)
 
 
 def test_tiny_code_equals_the_label(cde, tmp_path, monkeypatch):
