@@ -124,6 +124,16 @@ def test_protocol_fields_and_source(path):
         assert p["offline_command"] and p["local_task"] in p["offline_command"]
 
 
+def test_docs_table_lists_every_protocol():
+    """docs/protocols.md has a table row per entry, with its published number (or 'unverified')."""
+    text = open(os.path.join(REPO, "docs", "protocols.md"), encoding="utf-8").read()
+    rows = {line.split("|")[1].strip().strip("`"): line for line in text.splitlines() if line.startswith("| `")}
+    for p in protocols():
+        assert p["name"] in rows, f"docs/protocols.md has no row for {p['name']}"
+        value = p["published"]["value"]
+        assert (f"| {value:g} |" if value is not None else "| unverified") in rows[p["name"]], p["name"]
+
+
 @pytest.mark.parametrize("p", by_kind("harness"), ids=lambda p: p["name"])
 def test_harness_commands_are_the_labels(p):
     """`python custom_demask_eval.py --label L --decoder D`: the label's settings are the entry's and
