@@ -1006,19 +1006,27 @@ def gpu_line(run, size):
     device = torch.device(run.device or "cuda")
     free, total = torch.cuda.mem_get_info(device)
     peak = measured_peak(run)
-    expected = (f"{run.label} at batch {run.batch_size} peaked at {peak[0]:.1f} GB on {peak[1]} ({peak[2]})" if peak
-                else f"no peak measured for {run.label} at batch {run.batch_size}" +
-                (f"; its weights alone take {size / 2 ** 30:.1f} GiB" if size else ""))
+    if peak:
+        gb, decoder, gpu, path = peak
+        other = "" if decoder == run.decoder else f"; none measured with {run.decoder}"
+        expected = f"{run.label} at batch {run.batch_size} peaked at {gb:.1f} GB with {decoder} on {gpu} ({path}{other})"
+    else:
+        expected = f"no peak measured for {run.label} at batch {run.batch_size}" + (
+            f"; its weights alone take {size / 2 ** 30:.1f} GiB" if size else "")
     return (f"gpu: {torch.cuda.get_device_name(device)}, {free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GiB free; "
             f"{expected}")
 
 
-PEAK_BENCHMARKS = ("benchmarks/h200_e2e.json", "benchmarks/h200_cache.json")  # end-to-end runs with peak_gpu_gb
+# End-to-end runs with peak_gpu_gb (bench_e2e.py): klass keeps float64 distributions of the whole
+# generation and peaks higher than the top-k decoders.
+PEAK_BENCHMARKS = ("benchmarks/h200_e2e.json", "benchmarks/h200_cache.json", "benchmarks/h100_e2e_cost.json")
 
 
 def measured_peak(run):
-    """(peak GB, GPU, file) of this label, batch size and cache mode in the end-to-end benchmarks, or None."""
+    """(peak GB, decoder, GPU, file) of this label, batch size and cache mode in the end-to-end
+    benchmarks, measured with this run's decoder where there is such a row, else with another; or None."""
     cache = f"--cache {run.cache}" if run.cache != "none" else None
+    found = []
     for path in PEAK_BENCHMARKS:
         try:
             data = json.load(open(os.path.join(REPO, path)))
@@ -1030,8 +1038,8 @@ def measured_peak(run):
             extra = row.get("extra", "")
             same_cache = cache in extra if cache else "--cache" not in extra
             if row.get("label") == run.label and row.get("batch_size") == run.batch_size and same_cache:
-                return row.get("peak_gpu_gb"), gpu, path
-    return None
+                found.append((row.get("peak_gpu_gb"), row.get("decoder"), gpu, path))
+    return next((f for f in found if f[1] == run.decoder), found[0] if found else None)
     cache = f"--cache {run.cache}" if run.cache != "none" else None
     for rows in (v for v in data.values() if isinstance(v, list)):
         for row in rows:

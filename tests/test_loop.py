@@ -127,11 +127,15 @@ def test_weight_sizes_of_the_labels_checkpoints_are_the_real_ones():
 def test_gpu_preflight_line_names_the_gpu_free_memory_and_the_measured_peak(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (70 << 30, 80 << 30))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    run = cde.LABELS["llada-math"].replace(batch_size=8, device="cuda")
+    run = cde.LABELS["llada-math"].replace(batch_size=8, device="cuda", decoder="confidence_greedy")
     line = cde.gpu_line(run, 16031162368)
-    assert line == ("gpu: NVIDIA H100 80GB HBM3, 70.0 of 80.0 GiB free; llada-math at batch 8 peaked at 16.6 GB on "
-                    "NVIDIA H200 (benchmarks/h200_e2e.json)")
-    assert cde.measured_peak(run.replace(cache="dual")) == (23.93, "NVIDIA H200", "benchmarks/h200_cache.json")
+    assert line == ("gpu: NVIDIA H100 80GB HBM3, 70.0 of 80.0 GiB free; llada-math at batch 8 peaked at 16.6 GB with "
+                    "confidence_greedy on NVIDIA H200 (benchmarks/h200_e2e.json)")
+    assert cde.measured_peak(run.replace(decoder="klass")) == (26.6, "klass", "NVIDIA H100 80GB HBM3",
+                                                                "benchmarks/h100_e2e_cost.json")
+    assert "none measured with threshold" in cde.gpu_line(run.replace(decoder="threshold"), None)
+    assert cde.measured_peak(run.replace(cache="dual")) == (23.93, "confidence_greedy", "NVIDIA H200",
+                                                             "benchmarks/h200_cache.json")
     unmeasured = cde.gpu_line(run.replace(batch_size=3), 16031162368)
     assert "no peak measured for llada-math at batch 3; its weights alone take 14.9 GiB" in unmeasured
 
