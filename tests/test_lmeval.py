@@ -69,6 +69,18 @@ def test_tiny_math_equals_the_label(cde, decoder, limit, tmp_path, monkeypatch):
     assert info["environment"]["torch"] == torch.__version__ and info["n_generations"] == (limit or 100)
 
 
+@pytest.mark.parametrize("decoder", sorted(lmeval.entry().DECODERS))
+def test_every_registered_decoder_runs_through_lm_eval_as_through_the_label(cde, decoder, tmp_path, monkeypatch):
+    """Every decoder of the zoo (and the editable one): on the first 8 tiny-math problems, lm-eval's
+    accuracy, avg_steps and per-sample generations and counted forwards are the CLI's."""
+    metrics, _, records = cli_run(cde, "tiny-math", decoder, tmp_path, 8)
+    got, _, lm = lmeval_run(cde, "demask_tiny_math", "tiny-math", decoder, monkeypatch, 8)
+    assert got["acc,none"] == pytest.approx(metrics["accuracy"], abs=1e-12)
+    assert got["avg_steps,none"] == pytest.approx(metrics["avg_steps"], abs=1e-9)
+    mine = {r["doc_id"]: r for r in lm._demask_records}
+    assert all((mine[i]["generation"], mine[i]["forwards"]) == (r["generation"], r["steps"]) for i, r in records.items())
+
+
 def test_tiny_code_equals_the_label(cde, tmp_path, monkeypatch):
     """pass@1 and avg_steps as the CLI's tiny-code (judged by the same sandboxed checker)."""
     metrics, _, records = cli_run(cde, "tiny-code", "klass", tmp_path)
