@@ -325,7 +325,7 @@ def summarize(run, task, records, run_dir, lm, started):
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    return metrics
+    return summary
 
 
 IMPROBABLE_WARNING = 0.05  # the share of improbable commits above which a run warns
@@ -410,12 +410,12 @@ def evaluate(run, lm, task, samples, run_dir, started, rank=0, world=1, show=Tru
     metrics = None
     if rank == 0:
         records = merge_samples(run_dir, {s["id"] for s in samples})
-        metrics = summarize(run, task, records, run_dir, lm, started)
+        summary = summarize(run, task, records, run_dir, lm, started)
+        metrics = summary["metrics"]
         if show:
             print(f"decoder: {decoder_name(run)} ({run.decoder}, fingerprint {run.fingerprint[:8]})", file=sys.stderr)
-            print(cost_line(cost_summary(run, records)), file=sys.stderr)
-        for name, value in metrics.items():
-            if show:
+            print(cost_line(summary["cost"]), file=sys.stderr)
+            for name, value in metrics.items():
                 print(f"{name}_{run.label}: {value:.4f}")
     if world > 1:
         torch.distributed.barrier()

@@ -40,6 +40,7 @@ class DiffusionLM:
         self.vocab_size = self.net.parts()[3].out_features
         self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
         self.forward, self.cache_forwards = networks.network_forwards(self.net, self.device, graphed)
+        self.work = []
         self.renew_decoder_tokenizer()
 
     def renew_decoder_tokenizer(self):
@@ -54,7 +55,8 @@ class DiffusionLM:
     @torch.no_grad()
     def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
         """fp32 logits [B, Q, V]; rows without any mask token are not computed (zeros) unless no
-        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache."""
+        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache.
+        `work` lists what the call computed, as BatchCache.work does: [(rows, positions per row)]."""
         if cache is not None:
             return cache(x, key_mask, positions, query_idx)
         B, T = x.shape
@@ -67,7 +69,9 @@ class DiffusionLM:
         attend = None if key_mask is None else key_mask[:, None, None, :]
         live = (x == self.mask_id).any(1)
         if int(live.sum()) in (0, B):
+            self.work = [(torch.arange(B), T)]
             return self.forward(x, positions, attend, query_idx).float()
+        self.work = [(live, T)]
         logits = torch.zeros(B, query_idx.shape[1], self.vocab_size, device=self.device)
         logits[live] = self.forward(x[live], positions[live], None if attend is None else attend[live],
                                     query_idx[live]).float()
@@ -135,17 +139,9 @@ def batch_model(lm, prompt_mask, checker, nfe, recorder=None, cache=None):
         logits = lm.logits(x, key_mask, positions, query_idx, cache)
         if recorder is not None:
             recorder.returned(logits, query_idx, T)
-            recorder.computed(cache.work if cache is not None else exact_work(x, lm.mask_id), T)
+            recorder.computed(cache.work if cache is not None else lm.work, T)
         return SimpleNamespace(logits=logits)
     return DecoderModel(lm, call)
-
-
-def exact_work(x, mask_id):
-    """[(rows, positions per row)] an exact forward computes: the rows with a mask token, every row
-    when none has one (as DiffusionLM.logits)."""
-    live = (x == mask_id).any(1)
-    rows = live.nonzero().squeeze(1) if bool(live.any()) else torch.arange(x.shape[0], device=x.device)
-    return [(rows, x.shape[1])]
 
 
 def check_reachable(path_or_id):

@@ -327,6 +327,7 @@ def model_family(config):
     return kind
 
 
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # what a hub checkpoint needs here
 # Bytes of the weights of the hub checkpoints the labels use (their model.safetensors.index.json total_size).
 CHECKPOINT_BYTES = {"GSAI-ML/LLaDA-8B-Instruct": 16031162368, "Dream-org/Dream-v0-Instruct-7B": 15231233024}
 
@@ -338,8 +339,7 @@ def cached_model_path(path_or_id):
         return path_or_id
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"],
-                                 local_files_only=True)
+        return snapshot_download(path_or_id, allow_patterns=CHECKPOINT_FILES, local_files_only=True)
     except Exception:  # not cached (or a broken cache entry): the caller decides what to say
         return None
 
@@ -362,7 +362,7 @@ def resolve_model_path(path_or_id):
     if os.path.isdir(path_or_id):
         return path_or_id
     from huggingface_hub import snapshot_download
-    return snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.jinja"])
+    return snapshot_download(path_or_id, allow_patterns=CHECKPOINT_FILES)
 
 
 def load_state(path, device, dtype):

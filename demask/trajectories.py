@@ -64,12 +64,13 @@ class Recorder:
         self.seen = (logits, tensor_version(logits), query_idx, width)
 
     def computed(self, work, width):
-        """What the model computed for the last call: [(rows of the call, positions per row)]."""
+        """What the model computed for the last call: [(rows of the call as indices or a bool mask,
+        positions per row)]."""
         for rows, positions in work:
-            samples = torch.as_tensor(rows).cpu() % len(self.counted)
-            full = int(positions) >= width
-            self.work[:, 0 if full else 1] += torch.bincount(samples, minlength=len(self.counted))
+            rows = torch.as_tensor(rows).cpu()
+            samples = (rows.nonzero().squeeze(1) if rows.dtype == torch.bool else rows) % len(self.counted)
             count = torch.bincount(samples, minlength=len(self.counted))
+            self.work[:, 0 if int(positions) >= width else 1] += count
             self.work[:, 2] += int(positions) * count
             self.work[:, 3] += width * count
 
