@@ -152,8 +152,8 @@ def pack(examples, share, pad_id, device):
     return x.to(device), prompt_len.to(device), answer_len.to(device), weight.to(device)
 
 
-def diffusion_loss(net, x, prompt_len, answer_len, mask_id, eps=1e-3):
-    """LLaDA's SFT loss on a left-padded batch; logits only for the answer columns."""
+def diffusion_loss(net, x, prompt_len, answer_len, mask_id, tail=max(GEN_LENGTH.values()), eps=1e-3):
+    """LLaDA's SFT loss on a left-padded batch; logits only for the last `tail` columns (the longest answer)."""
     B, W = x.shape
     col = torch.arange(W, device=x.device)
     key_mask = col >= (W - prompt_len - answer_len)[:, None]
@@ -162,7 +162,6 @@ def diffusion_loss(net, x, prompt_len, answer_len, mask_id, eps=1e-3):
     masked = answer & (torch.rand(x.shape, device=x.device) < t)
     noisy = torch.where(masked, mask_id, x)
     positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
-    tail = max(GEN_LENGTH.values())
     query = col[W - tail:].expand(B, -1)
     logits = networks.forward_logits(net, noisy, positions, key_mask[:, None, None, :], query)
     ce = F.cross_entropy(logits.float().transpose(1, 2), x[:, -tail:], reduction="none")
@@ -170,8 +169,8 @@ def diffusion_loss(net, x, prompt_len, answer_len, mask_id, eps=1e-3):
     return per_example.mean()
 
 
-def main():
-    p = argparse.ArgumentParser()
+def arguments(defaults=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--steps", type=int, default=8444)
     p.add_argument("--minutes", type=float, default=30.0, help="stop after this much training time")
@@ -185,18 +184,14 @@ def main():
     p.add_argument("--task_share", default=TASK_SHARE, help="sampling share of each kind of example")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=OUT)
-    args = p.parse_args()
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
+    p.set_defaults(**(defaults or {}))
+    return p
 
-    tokenizer = networks.load_tokenizer(OUT, "llada")
-    special = json.load(open(os.path.join(OUT, "special_ids.json")))
-    config = model_config(special, args)
-    data_start = time.time()
-    share = parse_share(args.task_share)
-    x_all, prompt_all, answer_all, weight = pack(build_examples(tokenizer, special, args.math_problems), share,
-                                                 special["eos_token_id"], args.device)
-    print(f"{len(x_all)} examples of width {x_all.shape[1]} ready in {time.time() - data_start:.0f} s")
+
+def train(args, config, packed, tail):
+    """AdamW with warm-up and a cosine schedule over --steps (or --minutes, whichever ends first)
+    on the packed examples; returns the network, the steps taken, the loss log and the seconds."""
+    x_all, prompt_all, answer_all, weight = packed
     net = networks.LLaDA(config).to(args.device)
     for name, w in net.named_parameters():
         torch.nn.init.normal_(w, std=0.02) if w.dim() > 1 else torch.nn.init.ones_(w)
@@ -207,13 +202,16 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda)
     budget, start, step, log = args.minutes * 60, time.time(), 0, []
     while step < args.steps and time.time() - start < budget:
+        # learning rate: warm-up, then cosine over steps or time
         progress = min(1.0, max(step / args.steps, (time.time() - start) / budget))
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in opt.param_groups:
             group["lr"] = lr
+
+        # one batch drawn by the kinds' shares, one optimiser step
         rows = torch.multinomial(weight, args.batch_size, replacement=True)
         with autocast:
-            loss = loss_fn(net, x_all[rows], prompt_all[rows], answer_all[rows], config["mask_token_id"])
+            loss = loss_fn(net, x_all[rows], prompt_all[rows], answer_all[rows], config["mask_token_id"], tail)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -222,7 +220,12 @@ def main():
         if step % 500 == 0:
             log.append(dict(step=step, loss=round(loss.item(), 4), lr=lr, seconds=round(time.time() - start, 1)))
             print(log[-1], flush=True)
+    return net, step, log, round(time.time() - start, 1)
 
+
+def save(args, config, net, step, log, seconds, extra=None):
+    """model.safetensors, config.json and training_log.json in --out (plus the tokenizer files when
+    --out is not the bundled model's folder)."""
     os.makedirs(args.out, exist_ok=True)
     if os.path.abspath(args.out) != os.path.abspath(OUT):  # a self-contained model folder
         for name in TOKENIZER_FILES:
@@ -231,10 +234,26 @@ def main():
     save_file({k: v.detach().float().cpu().contiguous() for k, v in net.state_dict().items()},
               os.path.join(args.out, "model.safetensors"))
     json.dump(config, open(os.path.join(args.out, "config.json"), "w"), indent=2)
-    json.dump(dict(args=vars(args), steps=step, seconds=round(time.time() - start, 1), device=args.device,
-                   gpu=torch.cuda.get_device_name() if cuda else None, log=log),
+    cuda = args.device.startswith("cuda")
+    json.dump(dict(args=vars(args), steps=step, seconds=seconds, device=args.device,
+                   gpu=torch.cuda.get_device_name() if cuda else None, log=log, **(extra or {})),
               open(os.path.join(args.out, "training_log.json"), "w"), indent=2)
-    print(f"trained {step} steps in {time.time() - start:.0f} s")
+    print(f"trained {step} steps in {seconds:.0f} s")
+
+
+def main():
+    args = arguments().parse_args()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer = networks.load_tokenizer(OUT, "llada")
+    special = json.load(open(os.path.join(OUT, "special_ids.json")))
+    config = model_config(special, args)
+    data_start = time.time()
+    share = parse_share(args.task_share)
+    packed = pack(build_examples(tokenizer, special, args.math_problems), share, special["eos_token_id"], args.device)
+    print(f"{len(packed[0])} examples of width {packed[0].shape[1]} ready in {time.time() - data_start:.0f} s")
+    net, step, log, seconds = train(args, config, packed, max(GEN_LENGTH.values()))
+    save(args, config, net, step, log, seconds)
 
 
 if __name__ == "__main__":
