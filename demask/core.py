@@ -28,13 +28,13 @@ class RuleViolation(RuntimeError):
 
 
 class DiffusionLM:
-    """A loaded LLaDA or Dream as the harness holds it: the network and its forward, the tokenizer
+    """A loaded LLaDA, LLaDA-MoE or Dream as the harness holds it: the network and its forward, the tokenizer
     and the special ids. Decoders never get this object; they get a `DecoderModel` per batch."""
 
     def __init__(self, loaded, graphed=True):
         self.net, self.family, self.tokenizer = loaded.net, loaded.family, loaded.tokenizer
         self.config, self.device, self.dtype = loaded.config, loaded.device, loaded.dtype
-        self.mask_id = self.config["mask_token_id"]
+        self.mask_id = networks.mask_token_id(self.config, self.tokenizer)
         self.pad_id = self.config.get("pad_token_id", self.config.get("eos_token_id"))
         self.stop_ids = stop_ids(self.config, self.pad_id, self.tokenizer)
         self.vocab_size = self.net.parts()[3].out_features
@@ -78,9 +78,14 @@ class DiffusionLM:
         return logits
 
 
+# Tokens that end an answer besides EOS and pad: LLaDA's and Qwen's end of turn, Ling's (LLaDA-MoE) end of
+# a role, DiffuCoder-Instruct's padding after the answer (its model card cuts the output there).
+STOP_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|role_end|>", "<|dlm_pad|>")
+
+
 def stop_ids(config, pad_id, tokenizer):
     unk = getattr(tokenizer, "unk_token_id", None) if tokenizer else None
-    named = [tokenizer.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|im_end|>")] if tokenizer else []
+    named = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS] if tokenizer else []
     return sorted({i for i in [config.get("eos_token_id"), pad_id, *named] if isinstance(i, int) and i != unk})
 
 
@@ -165,7 +170,7 @@ def check_reachable(path_or_id):
 
 
 def load_model(path_or_id, device=None, dtype=None, graphed=True):
-    """Load LLaDA or Dream (family from config.json) with its tokenizer; returns a DiffusionLM.
+    """Load LLaDA, LLaDA-MoE or Dream (architecture from config.json) with its tokenizer; returns a DiffusionLM.
     graphed=False keeps the plain forward on a GPU too (no compiled blocks, no CUDA graphs: for
     callers whose batches change their number of rows at every forward, like policy training)."""
     try:

@@ -1,5 +1,6 @@
 """Native LLaDA-8B and Dream-7B in plain PyTorch (in the manner of nanoGPT's model.py), the fast
-GPU forward, the forwards of --cache, and checkpoint + tokenizer loading.
+GPU forward, the forwards of --cache, and checkpoint + tokenizer loading (LLaDA-MoE's network is in
+moe.py and loads through here).
 
 Parameter names are those of the official checkpoints (GSAI-ML/LLaDA-8B-Instruct's
 modeling_llada.py, Dream-org/Dream-v0-Instruct-7B's modeling_dream.py), so a plain
@@ -28,15 +29,20 @@ class RMSNorm(nn.Module):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rotary_tables(positions, head_dim, theta):
-    """cos/sin [B, 1, T, head_dim] in fp32 for the rotate-half RoPE form."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rotary_tables(positions, rope_dim, theta):
+    """cos/sin [B, 1, T, rope_dim] in fp32 for the rotate-half RoPE form (rope_dim: the rotated part
+    of a head, all of it but for a partial rotary factor)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rope_dim, 2, device=positions.device, dtype=torch.float32) / rope_dim)
     angles = positions.float()[..., None] * inv_freq
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
 
 
 def apply_rotary(x, cos, sin):
+    """RoPE on the first cos.shape[-1] features of each head; the others pass unchanged."""
+    if cos.shape[-1] < x.shape[-1]:
+        rotated, rest = x.split([cos.shape[-1], x.shape[-1] - cos.shape[-1]], dim=-1)
+        return torch.cat([apply_rotary(rotated, cos, sin), rest], dim=-1)
     x1, x2 = x.float().chunk(2, dim=-1)
     return (x.float() * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
@@ -95,6 +101,7 @@ class LLaDA(nn.Module):
     def __init__(self, c):
         super().__init__()
         self.config, self.head_dim, self.theta = c, c["d_model"] // c["n_heads"], c["rope_theta"]
+        self.rope_dim = self.head_dim
         self.model = nn.Module()
         self.model.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(c["embedding_size"] or c["vocab_size"], c["d_model"]),
@@ -155,6 +162,7 @@ class Dream(nn.Module):
         super().__init__()
         self.config, self.theta = c, c["rope_theta"]
         self.head_dim = c["hidden_size"] // c["num_attention_heads"]
+        self.rope_dim = self.head_dim
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
         self.model.layers = nn.ModuleList(DreamBlock(c) for _ in range(c["num_hidden_layers"]))
@@ -173,7 +181,7 @@ def forward_logits(net, x, positions, key_mask, query_idx, blocks=None):
     `blocks`: callables that replace the net's blocks (compiled ones)."""
     embed, net_blocks, _, _ = net.parts()
     blocks = blocks or net_blocks
-    rope = rotary_tables(positions, net.head_dim, net.theta)
+    rope = rotary_tables(positions, net.rope_dim, net.theta)
     h = embed(x)
     for block in blocks:
         h = block(h, rope, key_mask)[0]
@@ -290,7 +298,7 @@ def refresh_forward(net, x, positions, key_mask, query_idx, blocks=None):
     """forward_logits that also returns what a KVCache keeps: (logits [B, Q, V], keys and values
     [n_layers, B, kv heads, T, head_dim], last hidden states [B, T, d])."""
     embed, net_blocks, _, _ = net.parts()
-    rope = rotary_tables(positions, net.head_dim, net.theta)
+    rope = rotary_tables(positions, net.rope_dim, net.theta)
     h, keys, values = embed(x), [], []
     for block in blocks or net_blocks:
         h, k, v = block(h, rope, key_mask)
@@ -306,7 +314,7 @@ def cached_forward(net, x, positions, key_mask, query_idx, keys, values, hidden,
     of the others, whose last hidden states are the cached ones."""
     embed, net_blocks, _, _ = net.parts()
     x, positions = x.gather(1, computed), positions.gather(1, computed)
-    rope = rotary_tables(positions, net.head_dim, net.theta)
+    rope = rotary_tables(positions, net.rope_dim, net.theta)
     h = embed(x)
     for i, block in enumerate(blocks or net_blocks):
         h = block(h, rope, key_mask, (keys[i], values[i], rows, computed))[0]
@@ -317,19 +325,41 @@ def cached_forward(net, x, positions, key_mask, query_idx, keys, values, hidden,
 # ---------------------------------------------------------------------------
 # Checkpoints and tokenizers
 
-MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}
+MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}  # the dense networks; network_class adds LLaDA-MoE's
+# Architecture -> what decoders and prompts see (`family`): LLaDA-MoE decodes as LLaDA does (no shift,
+# LLaDA's sampling).
+FAMILIES = {"llada": "llada", "dream": "dream", "llada_moe": "llada"}
 
 
-def model_family(config):
+def network_class(architecture):
+    if architecture == "llada_moe":
+        from .moe import LLaDAMoE  # moe.py builds on this module's layers
+        return LLaDAMoE
+    return MODEL_CLASSES[architecture]
+
+
+def model_architecture(config):
+    """The network of a config.json: LLaDA-MoE's checkpoints say model_type "llada" (the official one)
+    or "lladamoe" (dllm's copies) and are told from dense LLaDA by their experts."""
     kind = str(config.get("model_type", "")).lower()
-    if kind not in MODEL_CLASSES:
-        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (expected LLaDA or Dream)")
+    if kind in ("llada", "lladamoe") and "num_experts" in config:
+        return "llada_moe"
+    if kind not in FAMILIES:
+        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (expected LLaDA, LLaDA-MoE or Dream)")
     return kind
 
 
+def model_family(config):
+    return FAMILIES[model_architecture(config)]
+
+
 CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # what a hub checkpoint needs here
-# Bytes of the weights of the hub checkpoints the labels use (their model.safetensors.index.json total_size).
-CHECKPOINT_BYTES = {"GSAI-ML/LLaDA-8B-Instruct": 16031162368, "Dream-org/Dream-v0-Instruct-7B": 15231233024}
+# Bytes of the weights of the hub checkpoints the labels use: their model.safetensors.index.json total_size
+# where tests/fixtures/model_files has it, else bf16 bytes of the parameter shapes of the shipped config.json.
+CHECKPOINT_BYTES = {"GSAI-ML/LLaDA-8B-Instruct": 16031162368, "Dream-org/Dream-v0-Instruct-7B": 15231233024,
+                    "GSAI-ML/LLaDA-1.5": 16031162368, "GSAI-ML/LLaDA-8B-Base": 16031162368,
+                    "Dream-org/Dream-Coder-v0-Instruct-7B": 15231233024, "apple/DiffuCoder-7B-Instruct": 15231233024,
+                    "inclusionAI/LLaDA-MoE-7B-A1B-Instruct": 14713761792}
 
 
 def cached_model_path(path_or_id):
@@ -382,23 +412,54 @@ def has_tokenizer(path):
     return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.json"))
 
 
+# The prompt of a checkpoint that ships no chat template (LLaDA-8B-Base): BOS, then each message's text
+# trimmed, a blank line after each. The harness's own plain form, not taken from any model's code.
+PLAIN_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['content'] | trim }}\n\n{% endfor %}")
+
+
 def load_tokenizer(path, family):
+    """The checkpoint's tokenizer (Qwen2's class for Dream); PLAIN_TEMPLATE when it has no chat template."""
     import transformers
     cls = transformers.Qwen2Tokenizer if family == "dream" else transformers.PreTrainedTokenizerFast
-    return cls.from_pretrained(path)
+    tokenizer = cls.from_pretrained(path)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_TEMPLATE
+    return tokenizer
+
+
+def mask_token_id(config, tokenizer):
+    """config.json's mask_token_id, else the tokenizer's mask token (LLaDA-MoE's config.json has none)."""
+    if config.get("mask_token_id") is not None:
+        return config["mask_token_id"]
+    found = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    if found is None:
+        raise ValueError("config.json has no mask_token_id and the tokenizer names no mask token")
+    return found
+
+
+def tie_head(net, state, config):
+    """A checkpoint with tied embeddings (config tie_word_embeddings / weight_tying) has no head
+    weight: the head is the embedding matrix."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    embed, _, _, head = net.parts()
+    head_name = names[id(head.weight)]
+    if head_name not in state and (config.get("tie_word_embeddings") or config.get("weight_tying")):
+        state[head_name] = state[names[id(embed.weight)]]
+    return state
 
 
 def load_checkpoint(path_or_id, device=None, dtype=None):
-    """LLaDA or Dream (family from config.json) with its tokenizer, in eval mode on `device`
-    (default: cuda if available), bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
+    """LLaDA, LLaDA-MoE or Dream (architecture from config.json) with its tokenizer, in eval mode on
+    `device` (default: cuda if available), bf16 on a GPU and fp32 on the CPU unless `dtype` says otherwise."""
     path = resolve_model_path(path_or_id)
     config = json.load(open(os.path.join(path, "config.json")))
-    family = model_family(config)
+    architecture = model_architecture(config)
+    family = FAMILIES[architecture]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with torch.device("meta"):
-        net = MODEL_CLASSES[family](config)
-    net.load_state_dict(load_state(path, device, dtype), strict=True, assign=True)
+        net = network_class(architecture)(config)
+    net.load_state_dict(tie_head(net, load_state(path, device, dtype), config), strict=True, assign=True)
     tokenizer = load_tokenizer(path, family) if has_tokenizer(path) else None
-    return SimpleNamespace(net=net.eval(), family=family, tokenizer=tokenizer, config=config, device=device,
-                           dtype=dtype)
+    return SimpleNamespace(net=net.eval(), family=family, architecture=architecture, tokenizer=tokenizer,
+                           config=config, device=device, dtype=dtype)
