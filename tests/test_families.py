@@ -144,3 +144,166 @@ def test_model_type_lladamoe_of_dllm_copies_is_the_moe_too():
     config = dict(real_config("llada-moe-7b-a1b-instruct"), model_type="lladamoe")
     assert networks.model_architecture(config) == "llada_moe"
     assert networks.model_architecture(real_config("llada-8b-instruct")) == "llada"
+
+
+# ---------------------------------------------------------------------------
+# Random-weight checkpoints in the hub's layout (config.json, index, two shards, tokenizer) of each new
+# label's model, loaded through the command line
+
+NEW_LABELS = ["llada15-math", "llada15-gsm8k", "llada15-humaneval", "llada15-mbpp", "llada-base-math",
+              "llada-base-gsm8k", "dreamcoder-humaneval", "dreamcoder-mbpp", "diffucoder-humaneval", "diffucoder-mbpp",
+              "llada-moe-math", "llada-moe-humaneval", "llada-moe-gsm8k"]
+TINY_SHAPES = {
+    "llada": dict(d_model=64, n_heads=4, n_kv_heads=4, mlp_hidden_size=128, n_layers=2),
+    "dream": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                  num_hidden_layers=2),
+}
+LING_SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mask|>", "<role>", "</role>", "<|role_end|>"]
+# Ling's chat format (inclusionAI) as the stand-in tokenizer renders it; the real checkpoint brings its own.
+LING_TEMPLATE = ("{% for m in messages %}<role>{{ {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT'}"
+                 "[m['role']] }}</role>{{ m['content'] }}<|role_end|>{% endfor %}<role>ASSISTANT</role>")
+
+
+def bench_e2e():
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import bench_e2e as module
+    return module
+
+
+def checkpoint_state(config):
+    """Random weights under the official names (LLaDA-MoE's experts one tensor each; no head when tied)."""
+    architecture = networks.model_architecture(config)
+    torch.manual_seed(0)
+    net = networks.network_class(architecture)(config)
+    state = {k: (1 + 0.1 * torch.randn_like(v)) if "norm" in k else 0.3 * torch.randn_like(v)
+             for k, v in net.state_dict().items()}
+    for key in list(state):
+        head, _, name = key.rpartition(".")
+        if head.endswith("mlp.experts") and name in moe.EXPERT_PROJECTIONS:
+            state.update({f"{head}.{j}.{name}.weight": t for j, t in enumerate(state.pop(key))})
+    if architecture == "llada_moe":
+        assert sorted(state) == sorted(moe.checkpoint_names(net))
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight")
+    return state
+
+
+def write_hub_checkpoint(folder, config):
+    from safetensors.torch import save_file
+    json.dump(config, open(os.path.join(folder, "config.json"), "w"), indent=2)
+    state = checkpoint_state(config)
+    keys = sorted(state)
+    files = {k: f"model-{1 + (i >= len(keys) // 2):05d}-of-00002.safetensors" for i, k in enumerate(keys)}
+    for name in sorted(set(files.values())):
+        save_file({k: state[k].contiguous() for k in keys if files[k] == name}, os.path.join(folder, name))
+    index = dict(metadata=dict(total_size=sum(4 * t.numel() for t in state.values())), weight_map=files)
+    json.dump(index, open(os.path.join(folder, "model.safetensors.index.json"), "w"), indent=2)
+
+
+def ling_tokenizer(folder):
+    """A small BPE tokenizer with Ling's special tokens and chat format (LLaDA-MoE's real one is not here)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import transformers
+    from conftest import CORPUS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=LING_SPECIALS,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>",
+                                                eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                                mask_token="<|mask|>", chat_template=LING_TEMPLATE)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def new_checkpoint(folder, model):
+    """The tiny hub-layout checkpoint standing in for `model` (a label's hub id)."""
+    import custom_demask_eval as cde
+    e2e = bench_e2e()
+    os.makedirs(folder)
+    if model == cde.LLADA_MOE:
+        tokenizer = ling_tokenizer(folder)
+        config = dict(real_config("llada-moe-7b-a1b-instruct"), hidden_size=64, num_attention_heads=4,
+                      num_key_value_heads=4, num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                      expert_intermediate_size=32, moe_layer_freq=[1, 1], vocab_size=len(tokenizer) + 4,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    elif model in (cde.LLADA15, cde.LLADA_BASE):
+        tokenizer = e2e.llada_tokenizer()
+        if model == cde.LLADA_BASE:
+            tokenizer.chat_template = None
+        tokenizer.save_pretrained(folder)
+        config = {**real_config("llada-8b-instruct"), **TINY_SHAPES["llada"]}
+    else:
+        import shutil
+        for name in e2e.DREAM_TOKENIZER_FILES:
+            shutil.copy(e2e.real_file("dream", name), folder)
+        if model == cde.DIFFUCODER:
+            tokenizer = networks.load_tokenizer(folder, "dream")
+            tokenizer.add_special_tokens({"additional_special_tokens": ["<|dlm_pad|>"]})
+            tokenizer.save_pretrained(folder)
+        config = {**real_config("dream-v0-instruct-7b"), **TINY_SHAPES["dream"]}
+    write_hub_checkpoint(folder, config)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    import custom_demask_eval as cde
+    root = tmp_path_factory.mktemp("hub")
+    return {m: new_checkpoint(str(root / m.replace("/", "--")), m)
+            for m in (cde.LLADA15, cde.LLADA_BASE, cde.DREAM_CODER, cde.DIFFUCODER, cde.LLADA_MOE)}
+
+
+def test_every_new_label_has_its_script_and_a_known_checkpoint_size():
+    import custom_demask_eval as cde
+    from conftest import REPO
+    for label in NEW_LABELS:
+        path = os.path.join(REPO, "scripts", label.replace("-", "_") + ".sh")
+        assert f"--label {label} " in open(path).read() and os.access(path, os.X_OK)
+        run = cde.LABELS[label]
+        assert run.gen_length % run.block_length == 0 and run.steps % run.n_blocks == 0
+        assert networks.CHECKPOINT_BYTES[run.model] > 1e10
+
+
+@pytest.mark.parametrize("label,metric", [("llada15-gsm8k", "accuracy"), ("llada-base-math", "accuracy"),
+                                          ("dreamcoder-humaneval", "pass@1"), ("diffucoder-mbpp", "pass@1"),
+                                          ("llada-moe-math", "accuracy")])
+def test_hub_layout_checkpoint_runs_through_the_command_line(tmp_path, checkpoints, label, metric):
+    import re
+    import subprocess
+    import sys
+    import custom_demask_eval as cde
+    from conftest import REPO
+    out = subprocess.run([sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--label", label,
+                          "--model_path", checkpoints[cde.LABELS[label].model], "--limit", "2", "--batch_size", "1",
+                          "--gen_length", "16", "--steps", "16", "--block_length", "16", "--device", "cpu",
+                          "--decoder", "confidence_greedy", "--results_dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert re.search(rf"^{re.escape(metric)}_{label}: \d\.\d{{4}}$", out.stdout, re.M)
+    assert f"avg_steps_{label}: 16.0000" in out.stdout and f"n_samples_{label}: 2.0000" in out.stdout
+
+
+def test_loaded_checkpoints_read_their_ids_templates_and_stops(checkpoints):
+    import custom_demask_eval as cde
+    from demask import tasks
+    moe_lm = core.load_model(checkpoints[cde.LLADA_MOE], device="cpu")
+    tok = moe_lm.tokenizer
+    assert moe_lm.family == "llada" and "mask_token_id" not in moe_lm.config
+    assert moe_lm.mask_id == tok.convert_tokens_to_ids("<|mask|>")  # from the tokenizer: not in config.json
+    assert moe_lm.stop_ids == sorted([tok.eos_token_id, tok.convert_tokens_to_ids("<|role_end|>")])
+    ids = tasks.encode_chat(tok, [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}])
+    assert tok.decode(ids) == "<role>SYSTEM</role>S<|role_end|><role>HUMAN</role>Q<|role_end|><role>ASSISTANT</role>"
+
+    base = core.load_model(checkpoints[cde.LLADA_BASE], device="cpu")
+    ids = tasks.encode_chat(base.tokenizer, [{"role": "system", "content": " S "}, {"role": "user", "content": "Q"}])
+    assert base.tokenizer.decode(ids) == "<|startoftext|>S\n\nQ\n\n"  # no chat template: the plain prompt
+    instruct = core.load_model(checkpoints[cde.LLADA15], device="cpu")
+    assert (instruct.mask_id, instruct.stop_ids) == (126336, [126081, 126348])
+
+    diffucoder = core.load_model(checkpoints[cde.DIFFUCODER], device="cpu")
+    assert diffucoder.mask_id == 151666 and diffucoder.stop_ids == [151643, 151645, 151667]  # <|dlm_pad|> stops
+    assert core.load_model(checkpoints[cde.DREAM_CODER], device="cpu").stop_ids == [151643, 151645]
