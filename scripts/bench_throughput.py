@@ -1,16 +1,19 @@
 """Throughput of the llada-math decode loop: batch 1 (as the original harness) versus batched.
 
     python scripts/bench_throughput.py --shapes llada,dream --batch_sizes 1,16      # GPU, random weights
+    python scripts/bench_throughput.py --shapes llada,llada_moe --batch_sizes 1,8 --samples 2  # LLaDA-MoE vs LLaDA-8B
     python scripts/bench_throughput.py --model_path models/tiny-llada --device cpu  # CPU, bundled model
     python scripts/bench_throughput.py --shapes llada --batch_sizes 1,8 --cache none,prefix,dual  # --cache modes
 
-Random-weight models of the real LLaDA-8B / Dream-7B shapes are built on the device (no
-download). Prompts have the token lengths of the real MATH-500 prompts
+Random-weight models of the real LLaDA-8B / Dream-7B / LLaDA-MoE-7B-A1B shapes are built on the
+device (no download; LLaDA-MoE's from its config.json in tests/fixtures/model_files, its prompts
+with LLaDA's MATH-500 lengths). Prompts have the token lengths of the real MATH-500 prompts
 (data/math500_prompt_lengths.json) and random ids, batched as a full run batches them (sorted
 by length); --samples batches per batch size are taken at spread length quantiles. The decoder
 is confidence_greedy with gen 256, steps 256, block 64, so every sample costs exactly 256
 forwards. Reported per batch size: ms per forward call, sample-forwards per second, achieved
-useful TFLOP/s (each row at its own length: left padding is not counted) and its fraction of
+useful TFLOP/s (each row at its own length: left padding is not counted; for LLaDA-MoE only the
+experts a token is routed to, num_experts_per_tok of num_experts, plus its router) and its fraction of
 the bf16 planning bound (790 TFLOP/s: the dense bf16 matmul rate measured on an H200), and the projected
 minutes for the 500-sample label. On CUDA the forward is the harness's (compiled blocks, CUDA
 graphs) unless --eager; --cache times the CLI's KV-cache modes (one row per batch size and mode;
@@ -45,7 +48,11 @@ CONFIGS = {  # the real checkpoints' config.json values that matter for the forw
     "dream": dict(model_type="Dream", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                   num_key_value_heads=4, intermediate_size=18944, rms_norm_eps=1e-6, rope_theta=1000000.0,
                   vocab_size=152064, mask_token_id=151666, eos_token_id=151643, pad_token_id=151643),
+    # the mask id is the tokenizer's (156895, the model card's), there being no tokenizer here
+    "llada_moe": dict(json.load(open(os.path.join(REPO, "tests", "fixtures", "model_files", "llada-moe-7b-a1b-instruct",
+                                                  "config.json"))), mask_token_id=156895),
 }
+LENGTHS = {"llada": "llada", "dream": "dream", "llada_moe": "llada"}  # whose MATH-500 prompt lengths a shape uses
 
 
 class CountingLM(core.DiffusionLM):
@@ -75,28 +82,42 @@ class CountingLM(core.DiffusionLM):
 
 
 def build(shape, model_path, device):
+    """A CountingLM of random weights at `shape`'s real shapes, or of the checkpoint at model_path;
+    `name` is the architecture (llada, dream, llada_moe)."""
     if model_path:
         loaded = networks.load_checkpoint(model_path, device=device)
         loaded.tokenizer = None
     else:
-        config, family = CONFIGS[shape], shape
+        config = CONFIGS[shape]
         with torch.device(device):
-            net = networks.MODEL_CLASSES[family](config).to(torch.bfloat16)
+            net = networks.network_class(shape)(config).to(torch.bfloat16)
         for p in net.parameters():
             torch.nn.init.normal_(p, std=0.02)
-        loaded = SimpleNamespace(net=net.eval(), family=family, tokenizer=None, config=config,
-                                 device=torch.device(device), dtype=torch.bfloat16)
+        loaded = SimpleNamespace(net=net.eval(), family=networks.FAMILIES[shape], architecture=shape, tokenizer=None,
+                                 config=config, device=torch.device(device), dtype=torch.bfloat16)
     model = CountingLM(loaded)
-    net = model.net
-    embed, blocks, _, head = net.parts()
-    model.linear_params = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
+    model.name = loaded.architecture
+    embed, blocks, _, head = model.net.parts()
+    model.linear_params = active_linear_params(blocks)
     model.width, model.layers = embed.weight.shape[1], len(blocks)
     model.reset_counts()
     return model
 
 
-def prompt_lengths(family):
-    return json.load(open(os.path.join(REPO, "data", "math500_prompt_lengths.json")))[family]
+def active_linear_params(blocks):
+    """Weights of the blocks' matmuls that one token runs through: all 2-D weights (attention, dense
+    MLPs, routers, shared experts) and, of each layer's stacked routed experts, the top_k of them."""
+    total = sum(p.numel() for p in blocks.parameters() if p.dim() == 2)
+    for block in blocks:
+        experts = getattr(getattr(block, "mlp", None), "experts", None)
+        if experts is not None:
+            stacked = sum(p.numel() for p in experts.parameters())
+            total += stacked * block.mlp.top_k // experts.gate_proj.shape[0]
+    return total
+
+
+def prompt_lengths(name):
+    return json.load(open(os.path.join(REPO, "data", "math500_prompt_lengths.json")))[LENGTHS[name]]
 
 
 def random_prompts(model, lengths, seed):
@@ -326,22 +347,22 @@ def main():
     for shape in ([None] if args.model_path else args.shapes.split(",")):
         model = build(shape, args.model_path, args.device)
         if args.device.startswith("cuda") and not args.eager:
-            print(f"{model.family}: fast vs eager forward max |diff| of logits: {graph_error(model, model.family)}")
+            print(f"{model.name}: fast vs eager forward max |diff| of logits: {graph_error(model, model.name)}")
         if args.eager or not args.device.startswith("cuda"):
             model.forward, model.cache_forwards = networks.eager_forwards(model.net)
         if args.invariance:
-            rows.append(invariance(model, model.family, args.invariance, 8, args))
+            rows.append(invariance(model, model.name, args.invariance, 8, args))
         for b, cache in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(",")):
-            rows.append(bench(model, model.family, b, args, cache))
+            rows.append(bench(model, model.name, b, args, cache))
             r = rows[-1]
-            print(f"{r['model']:6s} B={r['batch']:3d} cache {cache:6s} n={r['samples']:4d}  "
+            print(f"{r['model']:9s} B={r['batch']:3d} cache {cache:6s} n={r['samples']:4d}  "
                   f"{r['ms_per_forward']:8.2f} ms/forward  {r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
                   f"({100 * r['bound_fraction']:.0f}% of bound)  projected {r['projected_minutes']:.1f} min / 500 samples",
                   flush=True)
         if args.widths:
-            rows.append(width_sweep(model, model.family, max(map(int, args.batch_sizes.split(","))), args))
+            rows.append(width_sweep(model, model.name, max(map(int, args.batch_sizes.split(","))), args))
         if args.profile:
-            rows.append(profile(model, model.family, max(map(int, args.batch_sizes.split(","))), args))
+            rows.append(profile(model, model.name, max(map(int, args.batch_sizes.split(","))), args))
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()

@@ -307,3 +307,20 @@ def test_loaded_checkpoints_read_their_ids_templates_and_stops(checkpoints):
     diffucoder = core.load_model(checkpoints[cde.DIFFUCODER], device="cpu")
     assert diffucoder.mask_id == 151666 and diffucoder.stop_ids == [151643, 151645, 151667]  # <|dlm_pad|> stops
     assert core.load_model(checkpoints[cde.DREAM_CODER], device="cpu").stop_ids == [151643, 151645]
+
+
+def test_throughput_bench_counts_only_the_routed_experts():
+    """bench_throughput's FLOP bound for LLaDA-MoE: per token, all 2-D block weights plus top_k of the
+    num_experts experts of each layer, i.e. the active parameters less the head's (counted apart)."""
+    import sys
+    from conftest import REPO
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import bench_throughput
+    config = bench_throughput.CONFIGS["llada_moe"]
+    with torch.device("meta"):
+        blocks = moe.LLaDAMoE(config).parts()[1]
+    active = bench_throughput.active_linear_params(blocks)
+    assert active == moe.active_parameters(config) - config["hidden_size"] * config["vocab_size"] == 1_075_838_976
+    with torch.device("meta"):
+        dense = networks.LLaDA(bench_throughput.CONFIGS["llada"]).parts()[1]
+    assert bench_throughput.active_linear_params(dense) == sum(p.numel() for p in dense.parameters() if p.dim() == 2)
