@@ -306,6 +306,9 @@ def test_loaded_checkpoints_read_their_ids_templates_and_stops(checkpoints):
 
     diffucoder = core.load_model(checkpoints[cde.DIFFUCODER], device="cpu")
     assert diffucoder.mask_id == 151666 and diffucoder.stop_ids == [151643, 151645, 151667]  # <|dlm_pad|> stops
+    assert os.path.exists(os.path.join(checkpoints[cde.DIFFUCODER], "chat_template.jinja"))  # as DiffuCoder ships it
+    ids = tasks.encode_chat(diffucoder.tokenizer, [{"role": "user", "content": "Q"}])
+    assert diffucoder.tokenizer.decode(ids).endswith("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n")
     assert core.load_model(checkpoints[cde.DREAM_CODER], device="cpu").stop_ids == [151643, 151645]
 
 
