@@ -3,6 +3,7 @@
     python scripts/bench_e2e.py --json benchmarks/h200_e2e.json     # GPU: llada-math, dream-math, dream-humaneval
     python scripts/bench_e2e.py --labels llada-math --limit 64 --extra "--decoder klass --batch_size 16"
     python scripts/bench_e2e.py --shapes tiny --limit 2 --device cpu  # CPU smoke test of the same path
+    python scripts/bench_e2e.py --labels llada-moe-math --limit 16      # LLaDA-MoE-7B-A1B at its real shapes
 
 Per model family, in the order --labels first names them, the script
 1. writes a random-weight checkpoint in the hub's on-disk layout to <workdir>/<family>-<shapes>: the
@@ -44,6 +45,13 @@ The default --limit 16 is two batches of 8 per label (one warm-up, one steady); 
 more steady batches but, at about 2.4 s per sample at B=8, --limit 64 on three labels takes longer
 than 10 minutes: then run the families as separate commands.
 
+LLaDA-MoE (labels llada-moe-*): its reconstructed config.json (tests/fixtures/model_files), the
+official tensor names (one tensor per expert) in 3 shards as the hub has them (no real index is
+here), and a stand-in tokenizer with its 157,184 ids: Qwen2's BPE (Dream's files) below id 151643,
+reserved placeholders above, Ling's EOS <|endoftext|> 156892 and mask <|mask|> 156895 (the config's
+and the model card's ids), <role>, </role>, <|role_end|> at 156896-156898 (placeholder ids) and
+Ling's chat format; prompt token counts are therefore Qwen2's, not Ling's.
+
 --shapes tiny writes checkpoints of the same families, vocabularies and tokenizers, but 2 layers of
 width 64, sharded in the index's style (model-0000k-of-0000n.safetensors, at most as many shards as
 the real index) from the parameter names of networks.py's network for that config; its default
@@ -70,15 +78,21 @@ from demask import networks  # noqa: E402
 from demask import tasks  # noqa: E402
 
 MODEL_FILES = os.path.join(REPO, "tests", "fixtures", "model_files")
-REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b"}
-FAMILIES = {cde.LLADA: "llada", cde.DREAM: "dream"}
+REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b", "llada_moe": "llada-moe-7b-a1b-instruct"}
+FAMILIES = {cde.LLADA: "llada", cde.DREAM: "dream", cde.LLADA_MOE: "llada_moe"}
+HUB_SHARDS = {"llada_moe": 3}  # shards of a checkpoint whose real index is not in model_files
 DREAM_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
                          "special_tokens_map.json")
 TINY_SIZES = {
     "llada": dict(d_model=64, n_heads=4, n_kv_heads=4, mlp_hidden_size=128, n_layers=2),
     "dream": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
                   num_hidden_layers=2),
+    "llada_moe": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, num_experts=8,
+                      num_experts_per_tok=2, expert_intermediate_size=32, moe_layer_freq=[1, 1]),
 }
+LING_TOKENS = {156892: "<|endoftext|>", 156895: "<|mask|>", 156896: "<role>", 156897: "</role>", 156898: "<|role_end|>"}
+LING_TEMPLATE = ("{% for m in messages %}<role>{{ {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT'}"
+                 "[m['role']] }}</role>{{ m['content'] }}<|role_end|>{% endfor %}<role>ASSISTANT</role>")
 DEFAULT_EXTRA = {"real": "--decoder confidence_greedy --batch_size 8",
                  "tiny": "--decoder confidence_greedy --batch_size 1 --gen_length 16 --steps 16 --block_length 16 "
                          "--temperature 0 --top_p 1"}
@@ -100,11 +114,19 @@ def model_config(family, shapes):
 
 
 def parameter_shapes(family, config):
-    """{name: (shape, is_norm)} of networks.py's network for `config`, built on the meta device."""
+    """{name: (shape, is_norm)} of networks.py's network for `config`, built on the meta device, under
+    the checkpoint's names (LLaDA-MoE's stacked experts as one tensor per expert)."""
     with torch.device("meta"):
-        net = networks.MODEL_CLASSES[family](config)
+        net = networks.network_class(family)(config)
     norms = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, networks.RMSNorm)}
-    return {k: (tuple(v.shape), k in norms) for k, v in net.state_dict().items()}
+    shapes = {}
+    for key, value in net.state_dict().items():
+        head, _, name = key.rpartition(".")
+        if head.endswith("mlp.experts"):
+            shapes.update({f"{head}.{j}.{name}.weight": (tuple(value.shape[1:]), False) for j in range(value.shape[0])})
+        else:
+            shapes[key] = (tuple(value.shape), key in norms)
+    return shapes
 
 
 def shard_keys(sizes, n):
@@ -119,14 +141,18 @@ def shard_keys(sizes, n):
 
 def shard_plan(family, config, shapes):
     """The index {metadata, weight_map}: the real index for the real config, else the scaled
-    network's own names sharded in the same style into as many files."""
-    real = json.load(open(real_file(family, "model.safetensors.index.json")))
+    network's own names sharded in the same style into as many files (HUB_SHARDS where no real
+    index is shipped)."""
     sizes = {k: 2 * torch.Size(shape).numel() for k, (shape, _) in shapes.items()}  # bf16
-    if config == model_config(family, "real"):
-        if set(real["weight_map"]) != set(sizes) or real["metadata"]["total_size"] != sum(sizes.values()):
-            raise SystemExit(f"{family}: networks.py's parameters do not match the real index")
-        return real
-    n = len(set(real["weight_map"].values()))
+    if family in HUB_SHARDS:
+        n = HUB_SHARDS[family]
+    else:
+        real = json.load(open(real_file(family, "model.safetensors.index.json")))
+        if config == model_config(family, "real"):
+            if set(real["weight_map"]) != set(sizes) or real["metadata"]["total_size"] != sum(sizes.values()):
+                raise SystemExit(f"{family}: networks.py's parameters do not match the real index")
+            return real
+        n = len(set(real["weight_map"].values()))
     return dict(metadata=dict(total_size=sum(sizes.values())), weight_map=dict(sorted(shard_keys(sizes, n).items())))
 
 # ---------------------------------------------------------------------------
@@ -181,9 +207,34 @@ def llada_tokenizer():
         pad_token=llada["pad_token"], chat_template=llada["chat_template"], clean_up_tokenization_spaces=False)
 
 
+def ling_tokenizer():
+    """LLaDA-MoE's stand-in (module docstring): Qwen2's BPE, placeholders, Ling's tokens at LING_TOKENS."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    import transformers
+    qwen = json.load(open(real_file("dream", "vocab.json")))
+    first, size = 151643, model_config("llada_moe", "real")["vocab_size"]
+    vocab = {t: i for t, i in qwen.items() if i < first}
+    with open(real_file("dream", "merges.txt"), encoding="utf-8") as f:
+        merges = [tuple(line.rstrip("\n").split(" ")) for line in f if not line.startswith("#version")]
+    merges = [m for m in merges if m[0] + m[1] in vocab]
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN_SPLIT), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(LING_TOKENS.get(i, f"<|placeholder_{i}|>"), special=True, normalized=False)
+                            for i in range(first, size)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", mask_token="<|mask|>",
+        chat_template=LING_TEMPLATE, clean_up_tokenization_spaces=False)
+
+
 def write_tokenizer(folder, family):
     if family == "llada":
         llada_tokenizer().save_pretrained(folder)
+        return
+    if family == "llada_moe":
+        ling_tokenizer().save_pretrained(folder)
         return
     for name in DREAM_TOKENIZER_FILES:
         shutil.copy(real_file(family, name), folder)
@@ -219,7 +270,7 @@ def write_checkpoint(folder, family, shapes_mode, device, seed):
 def label_family(label):
     family = FAMILIES.get(cde.LABELS[label].model if label in cde.LABELS else None)
     if family is None:
-        raise SystemExit(f"{label!r}: not a label of LLaDA-8B-Instruct or Dream-v0-Instruct-7B")
+        raise SystemExit(f"{label!r}: not a label of LLaDA-8B-Instruct, Dream-v0-Instruct-7B or LLaDA-MoE-7B-A1B-Instruct")
     return family
 
 
@@ -392,7 +443,7 @@ def write_json(path, env, checkpoints, rows):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default="llada-math,dream-math,dream-humaneval",
-                   help="comma-separated LLaDA-8B / Dream-7B labels, grouped by family in this order")
+                   help="comma-separated LLaDA-8B / Dream-7B / LLaDA-MoE labels, grouped by family in this order")
     p.add_argument("--limit", type=int, default=16, help="samples per label (LIMIT)")
     p.add_argument("--extra", help="arguments passed to every label script; one flag alone: --extra=--flag (default: "
                    + "; ".join(f"{k}: {v!r}" for k, v in DEFAULT_EXTRA.items()) + ")")

@@ -327,3 +327,22 @@ def test_throughput_bench_counts_only_the_routed_experts():
     with torch.device("meta"):
         dense = networks.LLaDA(bench_throughput.CONFIGS["llada"]).parts()[1]
     assert bench_throughput.active_linear_params(dense) == sum(p.numel() for p in dense.parameters() if p.dim() == 2)
+
+
+def test_e2e_bench_writes_and_runs_llada_moe(tmp_path):
+    """bench_e2e at LLaDA-MoE's real shapes plans the hub's 3 shards of 3219 tensors (14.71 GB bf16); at
+    tiny shapes it writes the checkpoint and runs llada-moe-math through its script."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    e2e = bench_e2e()
+    config = e2e.model_config("llada_moe", "real")
+    index = e2e.shard_plan("llada_moe", config, e2e.parameter_shapes("llada_moe", config))
+    assert len(index["weight_map"]) == 3219 and index["metadata"]["total_size"] == 14_713_761_792
+    assert len(set(index["weight_map"].values())) == 3
+    out = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "bench_e2e.py"), "--labels", "llada-moe-math",
+                          "--shapes", "tiny", "--limit", "2", "--device", "cpu", "--workdir", str(tmp_path),
+                          "--json", str(tmp_path / "e2e.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.load(open(tmp_path / "e2e.json"))["rows"]
+    assert (row["label"], row["rc"], row["n"], row["avg_steps"]) == ("llada-moe-math", 0, 2, 16.0)
