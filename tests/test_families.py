@@ -268,6 +268,20 @@ def test_every_new_label_has_its_script_and_a_known_checkpoint_size():
         assert networks.CHECKPOINT_BYTES[run.model] > 1e10
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--label", "llada15-math", "--steps", "1001"], "not divisible by the number of blocks 8"),
+    (["--label", "llada-moe-gsm8k", "--gen_length", "100"], "not divisible by block_length"),
+    (["--label", "diffucoder-mbpp", "--decoder", "klass", "--decoder_args", "bogus=1"], "no parameter(s) ['bogus']"),
+    (["--label", "llada-base-math", "--model_path", "/no/such/model"], "model path '/no/such/model' not found"),
+])
+def test_new_labels_reject_bad_settings_before_loading(monkeypatch, capsys, args, message):
+    import custom_demask_eval as cde
+    monkeypatch.setattr(cde, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        cde.main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("label,metric", [("llada15-gsm8k", "accuracy"), ("llada-base-math", "accuracy"),
                                           ("dreamcoder-humaneval", "pass@1"), ("diffucoder-mbpp", "pass@1"),
                                           ("llada-moe-math", "accuracy")])
