@@ -916,3 +916,5 @@ register_method("dream_schedule", DreamScheduleDecoder, method_type="schedule", 
                 uses_steps=True, position_score="by alg: confidence (default), margin, neg_entropy, random (origin)",
                 summary="commit int(M * (1 - t_{j+1}/t_j)) positions per step, t = linspace(1, 1e-3, steps + 1)",
                 reference="Dream-org/Dream generation_utils.py (diffusion_generate)")
+
+from . import calibrated  # noqa: E402,F401  (registers pc_sampler, localleap, credit, sched)
