@@ -876,13 +876,15 @@ class DreamScheduleDecoder(BlockDecoder):
     At step j of a window's s = steps_per_block steps, with M_j masks left in it: alg "maskgit_plus"
     (probability of the proposed token), "topk_margin" (q1 - q2) or "entropy" (sum q ln q) commits
     the int(M_j * (1 - t[j+1] / t[j])) best masked positions by that score (`dream_counts`); "origin"
-    commits each masked position independently with probability 1 - t[j+1] / t[j]; the last step
-    commits all that is left. A step can commit nothing (Dream spends the forward anyway), so NFE =
-    steps (origin can empty a window earlier). Tokens and q come from Dream's sample_tokens
-    (`dream_proposal`: temperature and top-p, no top-k) for every model family. Dream runs one
-    window over the whole generation; with block_length < gen_length the schedule runs in each
-    block with steps / blocks steps. M_j is the row's own count (Dream takes the batch mean, the
-    same while rows move in step). Default alg maskgit_plus; Dream's generation_config has origin.
+    commits each masked position independently with probability 1 - t[j+1] / t[j], drawn as Dream
+    draws (`origin`: the same seed gives Dream's tokens); the last step commits all that is left. A
+    step can commit nothing (Dream spends the forward anyway), so NFE = steps, except that origin
+    stops when its window is empty (Dream runs all its steps, the later ones on a sequence without
+    masks). Tokens and q come from Dream's sample_tokens (`dream_proposal`: temperature and top-p, no
+    top-k) for every model family. Dream runs one window over the whole generation; with
+    block_length < gen_length the schedule runs in each block with steps / blocks steps. M_j is the
+    row's own count (Dream takes the batch mean, the same while rows move in step). Default alg
+    maskgit_plus; Dream's generation_config has origin.
     """
 
     def __init__(self, mask_id, temperature=0.0, top_p=None, alg="maskgit_plus"):
@@ -902,14 +904,25 @@ class DreamScheduleDecoder(BlockDecoder):
         batch.fraction = dream_fractions(batch.steps_per_block).to(batch.device)
 
     def select(self, logits, candidates, k, step, batch):
-        tokens, q = dream_proposal(choosable(logits, batch.model), self.temperature, self.top_p)
         fraction = batch.fraction[step.clamp(max=batch.steps_per_block - 1)]
         if self.alg == "origin":
-            draw = torch.rand(candidates.shape, device=candidates.device)
-            return candidates & (draw < fraction[:, None]), tokens
+            return self.origin(logits, candidates, fraction, batch)
+        tokens, q = dream_proposal(choosable(logits, batch.model), self.temperature, self.top_p)
         n = (candidates.sum(1) * fraction).long()
         conf = torch.gather(q, -1, tokens[..., None]).squeeze(-1)
         return top_k_commit(POSITION_SCORES[DREAM_ALGS[self.alg]](q, tokens, conf), candidates, n), tokens
+
+    def origin(self, logits, candidates, fraction, batch):
+        """Dream's alg "origin" with Dream's draws: one torch.rand number per masked position of the
+        windows, in row-major order across the batch (Dream's torch.rand over x[mask_index]), then
+        tokens drawn for the positions that move, in the same order (Dream's sample_tokens on them)."""
+        draw = torch.rand(int(candidates.sum()), device=candidates.device)
+        move = torch.zeros_like(candidates)
+        move[candidates] = draw < fraction[:, None].expand_as(candidates)[candidates]
+        tokens = torch.full(candidates.shape, self.mask_id, dtype=torch.long, device=candidates.device)
+        if move.any():
+            tokens[move] = dream_proposal(choosable(logits[move], batch.model), self.temperature, self.top_p)[0]
+        return move, tokens
 
 
 register_method("dream_schedule", DreamScheduleDecoder, method_type="schedule", representative_param="k",

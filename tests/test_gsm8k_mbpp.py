@@ -15,7 +15,7 @@ from demask import tasks
 from demask import decoders
 from demask.settings import RunSettings
 import utils
-from conftest import REPO
+from conftest import FIXTURES, REPO
 from test_decoders import MASK, per_position, trace
 
 
@@ -210,6 +210,34 @@ def test_dream_schedule_registry_and_info():
                                                last_step_commits=2)
     with pytest.raises(ValueError, match="dream_schedule alg"):
         decoders.build_decoder("dream_schedule", 0, {}, {"alg": "klass"})
+
+
+def dream_origin(model, settings, prompts, seed):
+    run = RunSettings(gen_length=settings["gen_length"], steps=settings["steps"], block_length=settings["gen_length"],
+                      temperature=settings["temperature"], top_p=settings["top_p"])
+    decoder = decoders.build_decoder("dream_schedule", model.mask_id, run, {"alg": "origin"})
+    return core.decode_batch(run, model, decoder, [dict(id=str(i), prompt_ids=p) for i, p in enumerate(prompts)], seed)
+
+
+@pytest.mark.parametrize("setting,dream_masks", [(0, [(5, 0, 2)]), (1, [])], ids=["greedy", "temperature-top_p"])
+def test_dream_origin_draws_as_dream(setting, dream_masks):
+    """Dream's _sample (alg origin) recorded on the tiny Dream (tests/fixtures/dream_origin_upstream.json):
+    the same seed gives Dream's tokens, alone and in left-padded batches of four, except where Dream's
+    sample_tokens proposes the mask id itself (its output keeps a mask there; ours never proposes it)."""
+    recorded = json.load(open(os.path.join(FIXTURES, "dream_origin_upstream.json")))
+    model = core.load_model(os.path.join(FIXTURES, "dream_tiny"), device="cpu")
+    r = recorded["runs"][setting]
+    prompts = recorded["prompt_ids"]
+    alone = [dream_origin(model, r["settings"], [p], seed) for p, seed in zip(prompts, r["single_seeds"])]
+    assert [a[0][0] for a in alone] == r["single"] and len(prompts) == 24
+    assert max(a[1][0] for a in alone) <= r["settings"]["steps"]  # Dream always spends all 16
+    differ = []
+    for j, (seed, upstream) in enumerate(zip(r["batch_seeds"], r["batches"])):
+        gens = dream_origin(model, r["settings"], prompts[4 * j:4 * j + 4], seed)[0]
+        differ += [(j, i, pos) for i, (a, b) in enumerate(zip(gens, upstream)) for pos, (x, y) in enumerate(zip(a, b))
+                   if x != y]
+        assert all(upstream[i][pos] == model.mask_id for jj, i, pos in differ if jj == j)
+    assert differ == dream_masks
 
 # ---------------------------------------------------------------- Dream-style proposals renormalise
 
