@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demask import REPO, kvcache, networks, report, sandbox, trajectories
+from demask import REPO, kvcache, networks, parallelbench, report, sandbox, trajectories
 from demask import policy  # noqa: F401 (registers the policy decoder)
 # Re-exported for pasted decoders, plugins and tools, which import them from this module.
 from demask.core import (DecoderModel, DiffusionLM, RuleChecker, RuleViolation, batch_model,  # noqa: F401
@@ -197,6 +197,29 @@ LABELS = {row[0]: RunSettings(label=row[0], **dict(zip(LABEL_FIELDS, row[1:]))) 
     ("tiny-code",       TINY,  "humaneval", "data/tiny_code_test.jsonl", 64,  64,   32,   0.0, None, 0.9,  0.01,  2,   None,           16,   100),
     ("tiny-text",       TINY,  "text",      TINY_TEXT,                   48,  48,   24,   0.0, None, 0.9,  0.01,  2,   "smollm2-135m", 16,   64),
 ]}
+
+# ParallelBench labels (docs/parallelbench.md): <model>-pb-<task> for each task, <model>-pb for the
+# waiting-line suite (a final line per task and their mean). ParallelBench's answer lengths (32 tokens
+# for the waiting line, 64 for puzzles), one window, one token per step, greedy.
+TINY_PB = os.path.join(REPO, "models", "tiny-pb")
+PB_MODELS = [  # prefix model    batch limit
+    ("llada",      LLADA,   None, None),
+    ("dream",      DREAM,   None, None),
+    ("tiny",       TINY_PB, 16,   None),
+]
+
+
+def pb_label(prefix, model, batch, limit, task=None):
+    name, data = (f"{prefix}-pb-{task}", f"data/pb/{task}_test.jsonl") if task else (f"{prefix}-pb", "data/pb")
+    n = parallelbench.answer_length(task)
+    return RunSettings(label=name, model=model, task="pb", data=data, gen_length=n, steps=n, block_length=n,
+                       temperature=0.0, top_p=None, conf_threshold=0.9, kl_threshold=0.01, history_length=2,
+                       scorer=None, batch_size=batch, limit=limit)
+
+
+LABELS.update({run.label: run for prefix, model, batch, limit in PB_MODELS
+               for run in [pb_label(prefix, model, batch, limit)] + [pb_label(prefix, model, batch, limit, t)
+                                                                     for t in parallelbench.TASKS]})
 
 # ---------------------------------------------------------------------------
 # Evaluation loop, result files and processes

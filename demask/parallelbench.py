@@ -448,3 +448,15 @@ def suite_metrics(records):
     means = {key: sum(m[key] for m in per_task.values()) / len(per_task) if per_task else None
              for key in ("accuracy", "strict")}
     return {"tasks": per_task, "mean_accuracy": means["accuracy"], "mean_strict": means["strict"]}
+
+
+# ---------------------------------------------------------------------------
+# Harness settings
+
+SUITE = WAITING_LINE  # the tasks of a `<model>-pb` label (data/pb)
+ANSWER_LENGTH = {"waiting_line": 32, "puzzle": 64}  # upstream's max_tokens (cfg/paper/benchmark/*.yaml)
+
+
+def answer_length(task=None):
+    """Generation length of a task (None: the waiting-line suite)."""
+    return ANSWER_LENGTH["puzzle" if task in PUZZLES else "waiting_line"]

@@ -194,4 +194,38 @@ class TextTask:
         return shown, full
 
 
-TASKS = {"math": MathTask, "humaneval": CodeTask, "gsm8k": Gsm8kTask, "mbpp": MbppTask, "text": TextTask}
+class PbTask(MathTask):
+    """ParallelBench's dependency-stress tasks (demask/parallelbench.py, docs/parallelbench.md): list
+    operations on a waiting line of names and 4x4 puzzles, judged by ParallelBench's scoring rules.
+    `data` is one task's file (data/pb/<task>_test.jsonl) or the folder data/pb: the test files of
+    parallelbench.SUITE (the waiting line); a run over several tasks reports each task's accuracy and their
+    mean (ParallelBench averages tasks, not samples)."""
+    name, metric, final = "pb", "acc", "accuracy"
+
+    def load(self, run):
+        from . import parallelbench
+        path = os.path.join(REPO, run.data)
+        files = ([os.path.join(path, f"{t}_test.jsonl") for t in parallelbench.SUITE] if os.path.isdir(path)
+                 else [path])
+        rows = [row for f in files for row in read_jsonl(f, ("id", "task", "messages"))]
+        return unique_ids(rows, path)
+
+    def judge(self, samples, texts):
+        from . import parallelbench
+        return [dict(task=s["task"], **parallelbench.score(s, text)) for s, text in zip(samples, texts)]
+
+    def metrics(self, records):
+        by_task = {}
+        for r in records:
+            by_task.setdefault(r["task"], []).append(r)
+        accuracy = {t: float(np.mean([r["correct"] for r in rs])) for t, rs in by_task.items()}
+        strict = {t: float(np.mean([r["strict"] for r in rs])) for t, rs in by_task.items()}
+        out = {"accuracy": float(np.mean(list(accuracy.values()))),
+               "strict_accuracy": float(np.mean(list(strict.values())))}
+        if len(by_task) > 1:
+            out.update({f"{t}_accuracy": v for t, v in accuracy.items()})
+        return out
+
+
+TASKS = {"math": MathTask, "humaneval": CodeTask, "gsm8k": Gsm8kTask, "mbpp": MbppTask, "text": TextTask,
+         "pb": PbTask}

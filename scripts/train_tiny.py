@@ -223,11 +223,11 @@ def train(args, config, packed, tail):
     return net, step, log, round(time.time() - start, 1)
 
 
-def save(args, config, net, step, log, seconds, extra=None):
-    """model.safetensors, config.json and training_log.json in --out (plus the tokenizer files when
-    --out is not the bundled model's folder)."""
+def save(args, config, net, step, log, seconds, extra=None, copy_tokenizer=True):
+    """model.safetensors, config.json and training_log.json in --out (plus the bundled model's
+    tokenizer files when --out is another folder and `copy_tokenizer`)."""
     os.makedirs(args.out, exist_ok=True)
-    if os.path.abspath(args.out) != os.path.abspath(OUT):  # a self-contained model folder
+    if copy_tokenizer and os.path.abspath(args.out) != os.path.abspath(OUT):  # a self-contained model folder
         for name in TOKENIZER_FILES:
             shutil.copy(os.path.join(OUT, name), args.out)
     from safetensors.torch import save_file
