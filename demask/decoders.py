@@ -931,3 +931,4 @@ register_method("dream_schedule", DreamScheduleDecoder, method_type="schedule", 
                 reference="Dream-org/Dream generation_utils.py (diffusion_generate)")
 
 from . import calibrated  # noqa: E402,F401  (registers pc_sampler, localleap, credit, sched)
+from . import verifying  # noqa: E402,F401  (registers wino, saber, freedave)
