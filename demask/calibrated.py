@@ -252,7 +252,7 @@ class SchedDecoder(BlockDecoder):
         tokens, p, conf = self.propose(logits, batch)
         active = candidates.any(1)
         batch.forwards += active.long()
-        top2 = logits.to(torch.float64).topk(2, dim=-1).values
+        top2 = logits.topk(2, dim=-1).values.to(torch.float64)
         margin = (top2[..., 0] - top2[..., 1]).mean(1)
         tau = sched_threshold(batch.forwards.to(torch.float64) / batch.steps, self.tau_high, self.tau_low,
                               self.schedule, self.k)
