@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import REPO, compare, report_html, trajectories, verdicts
+from . import REPO, compare, parallelbench, report_html, trajectories, verdicts
 from .decoders import DECODERS, method_config_keys, method_position_score
 from .kvcache import MODES
 from .tasks import TASKS, InputError, TextTask
@@ -447,9 +447,28 @@ def pareto_front(points):
     return [p for i, p in enumerate(ordered) if not any(dominates(q, p) for q in ordered[:i])]
 
 
-def pb_scores(configs):
-    """ParallelBench PBx: configs are (score 0-100, TPS); the largest TPS whose score is >= x."""
-    return {x: max((tps for score, tps in configs if score >= x), default=None) for x in PB_LEVELS}
+def pb_scores(configs, interpolate=False):
+    """ParallelBench PBx (pb_score.compute_pb_scores): configs are (score 0-100, TPS); the largest TPS
+    whose score is >= x. With `interpolate` (its rule for threshold, factor and adaptive methods, used
+    when no top-k configuration is among them): the best score per TPS, by TPS, and TPS linearly
+    interpolated at the rightmost crossing of x (the largest TPS itself when it reaches x)."""
+    if not interpolate:
+        return {x: max((tps for score, tps in configs if score >= x), default=None) for x in PB_LEVELS}
+    best = {}
+    for score, tps in configs:
+        best[tps] = max(score, best.get(tps, -math.inf))
+    points = sorted(best.items())
+    return {x: interpolated_tps(points, x) for x in PB_LEVELS}
+
+
+def interpolated_tps(points, x):
+    """TPS where the (TPS, score) polyline, sorted by TPS, last crosses score x from above."""
+    if points and points[-1][1] >= x:
+        return points[-1][0]
+    for (t0, s0), (t1, s1) in reversed(list(zip(points, points[1:]))):
+        if s0 >= x > s1:
+            return t0 + (s0 - x) * (t1 - t0) / (s0 - s1)
+    return None
 
 
 def aup(pairs, y_max, alpha=3.0):
@@ -714,11 +733,11 @@ def pbx_aup_lines(label, pts):
              "| decoder | configs | PB90 | PB80 | PB70 | PB60 | AUP |", "|---|---|---|---|---|---|---|"]
     for group in by_family.values():
         fam = group[0].family
-        pb = pb_scores([(r.score, r.pb_tps) for r in group])
+        pb = pb_scores([(r.score, r.pb_tps) for r in group], interpolate=group[0].type != "topk")
         value, flagged = aup([(r.tokens_per_forward, r.score) for r in group], y_max)
         lines.append(f"| {fam} | {len(group)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) +
                      f" | {value:.2f}{'*' if flagged else ''} |")
-    pb = pb_scores([(r.score, r.pb_tps) for r in pts])
+    pb = pb_scores([(r.score, r.pb_tps) for r in pts], interpolate=all(r.type != "topk" for r in pts))
     return lines + [f"| all methods | {len(pts)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " | — |",
                     "", f"y_max = {y_max:.1f}.", ""]
 
@@ -775,8 +794,132 @@ def model_lines(model, runs, out_dir, x_axis="steps"):
         lines += pareto_sections(kind, model, mine, runs, cells, out_dir, x_axis)
         if kind == "accuracy":
             lines += all_labels_pbx_lines(labels, rows, cells)
+            lines += pb_lines(model, cells, out_dir)
         lines += order_lines(kind, cells, out_dir)
     return lines
+
+
+
+# ---------------------------------------------------------------------------
+# ParallelBench tasks: per-task accuracy and tokens per forward, PBx over the tasks, a plot per task
+#
+# A configuration is a decoder family with its settings, `steps` written as ParallelBench's k =
+# gen_length / steps, so one k is one configuration on 32-token lists and 64-token puzzles alike. Its
+# value on a task comes from a `<model>-pb-<task>` run, or from a `<model>-pb` suite run's per-task
+# accuracy (with the suite's tokens per forward). PBx follows ParallelBench's analysis
+# (pb_score.compute_pb_scores, docs/parallelbench.md): per configuration the mean over tasks of the
+# accuracy (%) and of TPS (k for top-k methods, else gen_length / forwards), for the configurations
+# run on every task shown; PBx is the largest such mean TPS whose mean accuracy is >= x.
+
+
+def run_tasks(run):
+    """{task: accuracy %} of a ParallelBench run (a single-task run or a suite run); {} for others."""
+    if run.cfg.get("task") != "pb" or run.score is None:
+        return {}
+    data = os.path.basename(str(run.cfg.get("data", "")).rstrip("/"))
+    if data.endswith("_test.jsonl"):
+        return {data[:-len("_test.jsonl")]: run.score}
+    return {t: 100 * run.metrics[f"{t}_accuracy"] for t in parallelbench.TASKS if f"{t}_accuracy" in run.metrics}
+
+
+def config_params(run):
+    """The run's settings with steps written as k = gen_length / steps (top-k methods always; others when
+    they changed steps), gen_length left out."""
+    params = {k: v for k, v in run.params.items() if k not in ("steps", "gen_length")}
+    if "steps" in run.params or run.type == "topk":
+        params["k"] = round(run.cfg["gen_length"] / run.cfg["steps"], 3)
+    return params
+
+
+def task_values(cells):
+    """{(family_key, params json): {task: (accuracy %, TPS)}} and each configuration's shown run, over
+    the chosen cells of one model (a per-task run wins over a suite run for the same task)."""
+    values, shown = {}, {}
+    for run in sorted(cells.values(), key=lambda r: r.label.count("-pb-")):  # suites first, per-task runs win
+        tasks = run_tasks(run)
+        if not tasks:
+            continue
+        key = (run.family_key, json.dumps(config_params(run), sort_keys=True, default=str))
+        shown.setdefault(key, run)
+        for task, score in tasks.items():
+            values.setdefault(key, {})[task] = (score, run.pb_tps)
+    return values, shown
+
+
+def mean_point(per_task, tasks):
+    """(mean accuracy %, mean TPS) over `tasks`, None unless the configuration ran every one."""
+    if not all(t in per_task for t in tasks):
+        return None
+    return (sum(per_task[t][0] for t in tasks) / len(tasks), sum(per_task[t][1] for t in tasks) / len(tasks))
+
+
+def pb_lines(model, cells, out_dir):
+    """The section for one model's accuracy cells (report.choose_runs); [] without ParallelBench runs."""
+    values, shown = task_values(cells)
+    if not values:
+        return []
+    tasks = [t for t in parallelbench.TASKS if any(t in v for v in values.values())]
+    order = sorted(values, key=lambda k: (shown[k].family_sort, shown[k].pb_tps or 0, k[1]))
+    lines = [f"### ParallelBench tasks ({os.path.basename(model.rstrip('/'))})", "",
+             "Accuracy % (tokens per forward) per task; the mean over the tasks shown when a configuration ran "
+             "them all. PBx as ParallelBench computes it (docs/parallelbench.md).", "",
+             "| decoder | settings | " + " | ".join(tasks) + " | mean |",
+             "|---|---|" + "---|" * (len(tasks) + 1)]
+    for key in order:
+        run, per_task = shown[key], values[key]
+        cells_text = [f"{per_task[t][0]:.0f} ({per_task[t][1]:.2f})" if t in per_task else "—" for t in tasks]
+        mean = mean_point(per_task, tasks)
+        lines.append(f"| {run.family} | {params_text(config_params(run))} | " + " | ".join(cells_text)
+                     + f" | {'—' if mean is None else f'{mean[0]:.1f} ({mean[1]:.2f})'} |")
+    lines += ["", *pbx_lines(order, shown, values, tasks), *plot_lines(model, order, shown, values, tasks, out_dir)]
+    return lines
+
+
+def pbx_lines(order, shown, values, tasks):
+    families, topk = {}, {}
+    for key in order:
+        point = mean_point(values[key], tasks)
+        if point is not None:
+            families.setdefault(shown[key].family, []).append(point)
+            topk[shown[key].family] = shown[key].type == "topk"
+    if not families:
+        return ["No configuration ran every task shown: no PBx.", ""]
+    every = [p for points in families.values() for p in points]
+    topk["all methods"] = any(topk.values())
+    lines = [f"PBx over {len(tasks)} task(s) (top-k: discrete; other methods interpolated):", "",
+             "| decoder | configs | " + " | ".join(f"PB{x}" for x in PB_LEVELS) + " |", "|---|---|" + "---|" * len(PB_LEVELS)]
+    for family, points in list(families.items()) + [("all methods", every)]:
+        pb = pb_scores(points, interpolate=not topk[family])
+        lines.append(f"| {family} | {len(points)} | " + " | ".join(fmt(pb[x], 2) for x in PB_LEVELS) + " |")
+    return lines + [""]
+
+
+def plot_lines(model, order, shown, values, tasks, out_dir):
+    """One figure per task: accuracy against tokens per forward, a line per decoder family."""
+    plt = pyplot()
+    families = list(dict.fromkeys(shown[k].family for k in order))
+    colors = dict(zip(families, family_colors(len(families))))
+    lines = []
+    for task in tasks:
+        fig, ax = plt.subplots(figsize=(5.5, 3.6))
+        for family in families:
+            points = sorted(values[k][task][::-1] for k in order if shown[k].family == family and task in values[k])
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", ms=4, lw=1, color=colors[family],
+                        label=family)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per forward (log scale)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-3, 103)
+        ax.set_title(f"{task} ({os.path.basename(model.rstrip('/'))})", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=6, loc="best")
+        fig.tight_layout()
+        name = f"pb_{slug(os.path.basename(model.rstrip('/')))}_{task}.png"
+        fig.savefig(os.path.join(out_dir, name), dpi=110)
+        plt.close(fig)
+        lines.append(f"![{task}]({name})")
+    return lines + [""]
 
 
 def csv_rows(model, mine):

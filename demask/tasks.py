@@ -4,6 +4,7 @@ Each task loads its samples from a data file (every malformed line is an InputEr
 renders prompts with the model's chat template, judges generations (utils.py) and computes its
 metrics. The prompts and settings follow the KLASS protocol (docs/protocol.md §2-§3, §10).
 """
+import itertools
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ import numpy as np
 
 import utils
 
-from . import REPO, textmetrics
+from . import REPO, parallelbench, textmetrics
 
 
 
@@ -203,21 +204,19 @@ class PbTask(MathTask):
     name, metric, final = "pb", "acc", "accuracy"
 
     def load(self, run):
-        from . import parallelbench
         path = os.path.join(REPO, run.data)
         files = ([os.path.join(path, f"{t}_test.jsonl") for t in parallelbench.SUITE] if os.path.isdir(path)
                  else [path])
-        rows = [row for f in files for row in read_jsonl(f, ("id", "task", "messages"))]
-        return unique_ids(rows, path)
+        per_file = [read_jsonl(f, ("id", "task", "messages")) for f in files]
+        rows = [row for group in itertools.zip_longest(*per_file) for row in group if row is not None]
+        return unique_ids(rows, path)  # the tasks interleaved: --limit N takes about N / tasks of each
 
     def judge(self, samples, texts):
-        from . import parallelbench
         return [dict(task=s["task"], **parallelbench.score(s, text)) for s, text in zip(samples, texts)]
 
     def metrics(self, records):
-        by_task = {}
-        for r in records:
-            by_task.setdefault(r["task"], []).append(r)
+        by_task = {t: [r for r in records if r["task"] == t] for t in parallelbench.TASKS}
+        by_task = {t: rs for t, rs in by_task.items() if rs}
         accuracy = {t: float(np.mean([r["correct"] for r in rs])) for t, rs in by_task.items()}
         strict = {t: float(np.mean([r["strict"] for r in rs])) for t, rs in by_task.items()}
         out = {"accuracy": float(np.mean(list(accuracy.values()))),

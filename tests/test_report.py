@@ -77,6 +77,14 @@ def test_sweep_rejects_bad_configs_before_loading(monkeypatch, capsys):
 def test_pbx_and_aup_definitions():
     assert report.pb_scores([(95, 1), (93, 2), (85, 4)]) == {90: 2, 80: 4, 70: 4, 60: 4}
     assert report.pb_scores([(40, 2)]) == {90: None, 80: None, 70: None, 60: None}
+    # threshold / factor / adaptive methods: TPS interpolated at the rightmost crossing of x, the best
+    # score per TPS kept; the largest TPS when it reaches x
+    pb = report.pb_scores([(96, 1.0), (92, 2.0), (50, 2.0), (84, 4.0), (72, 6.0), (95, 0.5)], interpolate=True)
+    assert pb == {90: pytest.approx(2.0 + 2 * 2 / 8), 80: pytest.approx(4.0 + 4 * 2 / 12),
+                  70: 6.0, 60: 6.0}
+    assert report.pb_scores([(85, 1.0), (20, 3.0)], interpolate=True) == {
+        90: None, 80: pytest.approx(1.0 + 5 * 2 / 65), 70: pytest.approx(1.0 + 15 * 2 / 65),
+        60: pytest.approx(1.0 + 25 * 2 / 65)}
     value, flagged = report.aup([(5, 88), (3.2, 92)], y_max=96)
     w = lambda y: min(math.exp(-3 * (1 - y / 96)), 1)
     assert not flagged and value == pytest.approx(3.2 * 92 + 0.5 * 1.8 * (92 * w(92) + 88 * w(88)))
@@ -138,7 +146,8 @@ def test_report_from_fixture_results(tmp_path):
     # PBx (TPS = k for top-k, G/NFE otherwise) and AUP (alpha 3, y_max 96), checked by hand
     math_pb = section(tiny, "### tiny-math: PBx and AUP")
     assert table_row(math_pb, ["confidence_greedy"]) == ["confidence_greedy", "3", "2.00", "4.00", "4.00", "4.00", "183.38*"]
-    assert table_row(math_pb, ["threshold"]) == ["threshold", "2", "3.20", "5.00", "5.00", "5.00", "429.15"]
+    # threshold: interpolated between (3.2, 92) and (5.0, 88): PB90 = 3.2 + 2 * 1.8 / 4
+    assert table_row(math_pb, ["threshold"]) == ["threshold", "2", "4.10", "5.00", "5.00", "5.00", "429.15"]
     assert table_row(math_pb, ["klass"]) == ["klass", "1", "1.60", "1.60", "1.60", "1.60", "153.60"]
     assert table_row(math_pb, ["random"]) == ["random", "1", "—", "—", "—", "—", "80.00"]
     assert table_row(math_pb, ["all methods"]) == ["all methods", "7", "3.20", "5.00", "5.00", "5.00", "—"]
