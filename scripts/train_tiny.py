@@ -188,13 +188,16 @@ def arguments(defaults=None):
     return p
 
 
-def train(args, config, packed, tail):
+def train(args, config, packed, tail, init=None):
     """AdamW with warm-up and a cosine schedule over --steps (or --minutes, whichever ends first)
-    on the packed examples; returns the network, the steps taken, the loss log and the seconds."""
+    on the packed examples, from random weights or the state dict `init`; returns the network, the
+    steps taken, the loss log and the seconds."""
     x_all, prompt_all, answer_all, weight = packed
     net = networks.LLaDA(config).to(args.device)
     for name, w in net.named_parameters():
         torch.nn.init.normal_(w, std=0.02) if w.dim() > 1 else torch.nn.init.ones_(w)
+    if init is not None:
+        net.load_state_dict(init)
     print(f"{sum(w.numel() for w in net.parameters()) / 1e6:.2f}M parameters")
     cuda = args.device.startswith("cuda")
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98), fused=cuda)

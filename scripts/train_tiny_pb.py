@@ -12,8 +12,10 @@ template as at evaluation time; the answer is the task's reference answer, then 
 (LLaDA's SFT loss, AdamW, cosine schedule); each waiting-line task is drawn equally often, each puzzle
 in PUZZLE_SHARE of the examples.
 """
+import json
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,7 +31,7 @@ import train_tiny  # noqa: E402
 OUT = os.path.join(REPO, "models", "tiny-pb")
 TOKENIZER_ROWS = 2000  # per task
 PUZZLE_SHARE = 0.03  # of the batches per puzzle: the waiting line is what the tiny regime is for
-RECIPE = dict(steps=16000, minutes=6.5, batch_size=256, lr=2e-3, d_model=192, n_layers=6, n_heads=6, mlp=576)
+RECIPE = dict(steps=16000, minutes=5.0, batch_size=256, lr=2e-3, d_model=192, n_layers=6, n_heads=6, mlp=576)
 
 
 def chat_text(tokenizer, row):
@@ -59,26 +61,53 @@ def examples(tokenizer, rows, special):
     return out
 
 
+def arguments():
+    p = train_tiny.arguments(dict(RECIPE, out=OUT))
+    p.add_argument("--per_task", type=int, default=15_000, help="training rows per task")
+    p.add_argument("--train_seed", type=int, default=parallelbench.TRAIN_SEED, help="seed of the training rows")
+    p.add_argument("--puzzle_share", type=float, default=PUZZLE_SHARE, help="share of the examples per puzzle")
+    p.add_argument("--init", help="a model folder to continue training from (its weights and tokenizer)")
+    return p
+
+
+def task_shares(tasks, puzzle_share):
+    lines = [t for t in tasks if t not in parallelbench.PUZZLES]
+    rest = (1 - puzzle_share * (len(tasks) - len(lines))) / len(lines)
+    return {t: puzzle_share if t in parallelbench.PUZZLES else rest for t in tasks}
+
+
+def start_from(init, out):
+    """The tokenizer and weights of an earlier run, its tokenizer files copied to `out`."""
+    from safetensors.torch import load_file
+    from transformers import PreTrainedTokenizerFast
+    os.makedirs(out, exist_ok=True)
+    if os.path.abspath(init) != os.path.abspath(out):
+        for name in train_tiny.TOKENIZER_FILES:
+            shutil.copy(os.path.join(init, name), out)
+    with open(os.path.join(init, "special_ids.json")) as f:
+        special = json.load(f)
+    with open(os.path.join(init, "training_log.json")) as f:
+        earlier = json.load(f)
+    return PreTrainedTokenizerFast.from_pretrained(out), special, load_file(os.path.join(init, "model.safetensors")), earlier
+
+
 def main():
-    args = train_tiny.arguments(dict(RECIPE, out=OUT))
-    args.add_argument("--per_task", type=int, default=15_000, help="training rows per task")
-    args = args.parse_args()
+    args = arguments().parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     data_start = time.time()
-    rows = {t: parallelbench.train_rows(t, args.per_task) for t in parallelbench.TASKS}
-    tokenizer, special = build_tokenizer(rows, args.out)
+    rows = {t: parallelbench.train_rows(t, args.per_task, args.train_seed) for t in parallelbench.TASKS}
+    if args.init:
+        tokenizer, special, init, earlier = start_from(args.init, args.out)
+    else:
+        (tokenizer, special), init, earlier = build_tokenizer(rows, args.out), None, None
     pairs = examples(tokenizer, rows, special)
-    lines = [t for t in pairs if t not in parallelbench.PUZZLES]
-    share = {t: PUZZLE_SHARE if t in parallelbench.PUZZLES else (1 - PUZZLE_SHARE * (len(pairs) - len(lines))) / len(lines)
-             for t in pairs}
-    packed = train_tiny.pack(pairs, share, special["eos_token_id"], args.device)
+    packed = train_tiny.pack(pairs, task_shares(list(pairs), args.puzzle_share), special["eos_token_id"], args.device)
     print(f"{len(packed[0])} examples of width {packed[0].shape[1]} ready in {time.time() - data_start:.0f} s")
     config = train_tiny.model_config(special, args)
-    net, step, log, seconds = train_tiny.train(args, config, packed, max(parallelbench.ANSWER_LENGTH.values()))
-    train_tiny.save(args, config, net, step, log, seconds,
-                    extra=dict(per_task=args.per_task, train_seed=parallelbench.TRAIN_SEED, answer_length=parallelbench.ANSWER_LENGTH),
-                    copy_tokenizer=False)
+    net, step, log, seconds = train_tiny.train(args, config, packed, max(parallelbench.ANSWER_LENGTH.values()), init)
+    train_tiny.save(args, config, net, step, log, seconds, copy_tokenizer=False,
+                    extra=dict(answer_length=parallelbench.ANSWER_LENGTH, continued_from=earlier))
 
 
 if __name__ == "__main__":
