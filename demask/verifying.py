@@ -161,9 +161,8 @@ class SaberDecoder(WindowDecoder):
         delta = torch.where(torch.isfinite(delta), delta, torch.inf)
         batch.last_conf.scatter_(1, pos, torch.where(active, conf, batch.last_conf.gather(1, pos)))
         above = candidates & (conf > self.mean_commit_conf(batch, pos)[:, None])
-        few = above.sum(1) < self.n
-        commit = torch.where(few[:, None], top_k_commit(conf, candidates, torch.full_like(few, self.n, dtype=torch.long)),
-                             above)
+        at_least = torch.full((batch.size,), self.n, device=conf.device)
+        commit = torch.where((above.sum(1) < self.n)[:, None], top_k_commit(conf, candidates, at_least), above)
         batch.final_conf.scatter_(1, pos, torch.where(commit, conf, batch.final_conf.gather(1, pos)))
         remask = self.backtrack(delta, candidates, commit, batch.masked, above.sum(1).clamp(min=self.n))
         return commit | remask, torch.where(remask, self.mask_id, tokens)
