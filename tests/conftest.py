@@ -24,19 +24,25 @@ CORPUS = ["The final answer is \\boxed{42}. So 3 + 4 = 7 and 12 * 3 = 36.",
           "You complete only Python code. The quick brown fox jumps over the lazy dog."] * 4
 
 
-def save_tokenizer(folder):
+def small_tokenizer(folder, specials=None, chat_template=None, **tokens):
+    """A 400-token BPE of CORPUS with `specials` (default SPECIALS), saved in `folder`; `tokens` name
+    more special tokens (mask_token=...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     import transformers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials or SPECIALS,
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>",
-                                                eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    fast.chat_template = LLADA_TEMPLATE
+                                                eos_token="<|endoftext|>", pad_token="<|endoftext|>", **tokens)
+    fast.chat_template = chat_template or LLADA_TEMPLATE
     fast.save_pretrained(folder)
-    return len(fast)
+    return fast
+
+
+def save_tokenizer(folder):
+    return len(small_tokenizer(folder))
 
 
 def make_tiny_model(folder, family, seed=0):

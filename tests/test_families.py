@@ -204,19 +204,8 @@ def write_hub_checkpoint(folder, config):
 
 def ling_tokenizer(folder):
     """A small BPE tokenizer with Ling's special tokens and chat format (LLaDA-MoE's real one is not here)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    import transformers
-    from conftest import CORPUS
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=LING_SPECIALS,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>",
-                                                eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                                mask_token="<|mask|>", chat_template=LING_TEMPLATE)
-    fast.save_pretrained(folder)
-    return fast
+    from conftest import small_tokenizer
+    return small_tokenizer(folder, LING_SPECIALS, LING_TEMPLATE, mask_token="<|mask|>")
 
 
 def new_checkpoint(folder, model):
