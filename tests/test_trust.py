@@ -295,7 +295,10 @@ def test_ctrl_c_keeps_samples_and_exits_130(tmp_path, tiny_llada):
     cmd = [sys.executable, os.path.join(REPO, "custom_demask_eval.py"), "--label", "llada-math", "--decoder", "klass",
            "--model_path", tiny_llada, "--limit", "500", "--batch_size", "1", "--gen_length", "64", "--steps", "64",
            "--block_length", "64", "--results_dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C reaches a run in the terminal's foreground; a shell's background job (a CI started with
+    # `&`) hands its children SIGINT ignored, so the child gets the foreground's default back
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.stat().st_size for p in tmp_path.glob("llada-math/*/samples.jsonl")):
         time.sleep(0.05)
