@@ -215,14 +215,10 @@ class PbTask(MathTask):
         return [dict(task=s["task"], **parallelbench.score(s, text)) for s, text in zip(samples, texts)]
 
     def metrics(self, records):
-        by_task = {t: [r for r in records if r["task"] == t] for t in parallelbench.TASKS}
-        by_task = {t: rs for t, rs in by_task.items() if rs}
-        accuracy = {t: float(np.mean([r["correct"] for r in rs])) for t, rs in by_task.items()}
-        strict = {t: float(np.mean([r["strict"] for r in rs])) for t, rs in by_task.items()}
-        out = {"accuracy": float(np.mean(list(accuracy.values()))),
-               "strict_accuracy": float(np.mean(list(strict.values())))}
-        if len(by_task) > 1:
-            out.update({f"{t}_accuracy": v for t, v in accuracy.items()})
+        suite = parallelbench.suite_metrics(records)
+        out = {"accuracy": suite["mean_accuracy"] / 100, "strict_accuracy": suite["mean_strict"] / 100}
+        if len(suite["tasks"]) > 1:
+            out.update({f"{t}_accuracy": v["accuracy"] / 100 for t, v in suite["tasks"].items()})
         return out
 
 
