@@ -4,6 +4,7 @@
     python scripts/bench_throughput.py --shapes llada,llada_moe --batch_sizes 1,8 --samples 2  # LLaDA-MoE vs LLaDA-8B
     python scripts/bench_throughput.py --model_path models/tiny-llada --device cpu  # CPU, bundled model
     python scripts/bench_throughput.py --shapes llada --batch_sizes 1,8 --cache none,prefix,dual  # --cache modes
+    python scripts/bench_throughput.py --shapes llada --batch_sizes 8 --decoders confidence_greedy,wino,saber  # cost per forward
 
 Random-weight models of the real LLaDA-8B / Dream-7B / LLaDA-MoE-7B-A1B shapes are built on the
 device (no download; LLaDA-MoE's from its config.json in tests/fixtures/model_files, its prompts
@@ -159,9 +160,16 @@ def decode(model, batch, args, decoder):
     return generations, counted
 
 
+def make_decoder(model, args):
+    """The timed decoder: --decoder's registered entry with the run's temperature / top_p and the
+    llada-math thresholds (0.9, 0.01), its other parameters at their defaults."""
+    run = RunSettings(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+                      temperature=args.temperature, top_p=args.top_p)
+    return decoders.build_decoder(getattr(args, "decoder", "confidence_greedy"), model.mask_id, run, {})
+
+
 def run(model, batch, args):
-    decoder = decoders.TopKDecoder(model.mask_id, temperature=args.temperature, top_p=args.top_p, score="confidence")
-    return sum(decode(model, batch, args, decoder)[1])
+    return sum(decode(model, batch, args, make_decoder(model, args))[1])
 
 
 def first_state(model, batch, args):
@@ -293,8 +301,8 @@ def width_sweep(model, family, batch_size, args):
                 capture_seconds_over_replay=extra, peak_allocated_gib=peak)
 
 
-def bench(model, family, batch_size, args, cache):
-    args = argparse.Namespace(**{**vars(args), "cache": cache})
+def bench(model, family, batch_size, args, cache, decoder="confidence_greedy"):
+    args = argparse.Namespace(**{**vars(args), "cache": cache, "decoder": decoder})
     batches = label_batches(model, family, batch_size, args.samples)
     warm_up = argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16, "block_length": 16})
     run(model, batches[0], warm_up)
@@ -309,11 +317,12 @@ def bench(model, family, batch_size, args, cache):
     rate = sample_forwards / seconds
     calls = model.calls
     bare = sum(bare_forward_ms(model, batch, args) for batch in batches) / len(batches)
-    return dict(model=family, batch=batch_size, cache=cache, samples=sum(map(len, batches)), temperature=args.temperature,
+    return dict(model=family, batch=batch_size, cache=cache, decoder=decoder, samples=sum(map(len, batches)), temperature=args.temperature,
                 top_p=args.top_p, ms_per_forward=1000 * seconds / calls, bare_ms_per_forward=bare,
                 decode_over_bare=1000 * seconds / calls / bare, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
                 padding_share=1 - model.flops / model.padded_flops,
                 bound_fraction=model.flops / seconds / PEAK,
+                forwards_per_sample=sample_forwards / sum(map(len, batches)),
                 projected_minutes=500 * args.steps / rate / 60)
 
 
@@ -331,6 +340,8 @@ def main():
     p.add_argument("--top_p", type=float)
     p.add_argument("--cache", dest="cache_modes", default="none", help="KV-cache modes to time, comma-separated: none, prefix, dual "
                    "(the CLI's --cache)")
+    p.add_argument("--decoders", default="confidence_greedy", help="registered decoders to time, comma-separated "
+                   "(ms per counted forward: a decoder's own work per forward beside the network's)")
     p.add_argument("--eager", action="store_true", help="plain eager forward (no compiled blocks, no CUDA graphs)")
     p.add_argument("--profile", action="store_true", help="also profile the largest batch size's kernels")
     p.add_argument("--invariance", type=int, default=0, help="also measure batch invariance on this many prompts")
@@ -340,6 +351,9 @@ def main():
     args = p.parse_args()
     if args.profile and not args.device.startswith("cuda"):
         p.error("--profile measures GPU kernels: use it with a CUDA device")
+    unknown = set(args.decoders.split(",")) - set(decoders.DECODERS)
+    if unknown:
+        p.error(f"--decoders: unknown {sorted(unknown)}; known: {', '.join(decoders.DECODERS)}")
     if not set(args.cache_modes.split(",")) <= set(kvcache.MODES):
         p.error(f"--cache takes {', '.join(kvcache.MODES)}, comma-separated; got {args.cache_modes!r}")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -352,10 +366,12 @@ def main():
             model.forward, model.cache_forwards = networks.eager_forwards(model.net)
         if args.invariance:
             rows.append(invariance(model, model.name, args.invariance, 8, args))
-        for b, cache in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(",")):
-            rows.append(bench(model, model.name, b, args, cache))
+        for b, cache, name in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(","),
+                                                args.decoders.split(",")):
+            rows.append(bench(model, model.name, b, args, cache, name))
             r = rows[-1]
-            print(f"{r['model']:9s} B={r['batch']:3d} cache {cache:6s} n={r['samples']:4d}  "
+            print(f"{r['model']:9s} B={r['batch']:3d} cache {cache:6s} {name:17s} n={r['samples']:4d}  "
+                  f"{r['forwards_per_sample']:6.1f} forwards/sample  "
                   f"{r['ms_per_forward']:8.2f} ms/forward  {r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
                   f"({100 * r['bound_fraction']:.0f}% of bound)  projected {r['projected_minutes']:.1f} min / 500 samples",
                   flush=True)
