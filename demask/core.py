@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import kvcache, networks, trajectories
+from . import blockcache, kvcache, networks, trajectories
 from .decoders import current_block
 from .tasks import InputError
 
@@ -40,6 +40,9 @@ class DiffusionLM:
         self.vocab_size = self.net.parts()[3].out_features
         self.n_tokens = len(self.tokenizer) if self.tokenizer else self.vocab_size
         self.forward, self.cache_forwards = networks.network_forwards(self.net, self.device, graphed)
+        self.block_size = getattr(self.net, "block_size", None)  # block diffusion: blockcache.py
+        if self.block_size:
+            self.block_layers = networks.block_layers(self.net, self.device, graphed)
         self.work = []
         self.renew_decoder_tokenizer()
 
@@ -47,18 +50,24 @@ class DiffusionLM:
         """A fresh copy of the tokenizer for the decoders' handles (the judge keeps its own)."""
         self.decoder_tokenizer = copy.deepcopy(self.tokenizer)
 
-    def __call__(self, x, attention_mask=None, query_idx=None, positions=None):
-        """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel."""
+    def __call__(self, x, attention_mask=None, query_idx=None, positions=None, prompt_width=None):
+        """An uncounted, unchecked forward for tools and tests; decoders get a DecoderModel. A
+        block-diffusion model needs the prompt width (its block grid starts there)."""
         key_mask = None if attention_mask is None else attention_mask.to(self.device).bool()
-        return SimpleNamespace(logits=self.logits(x.to(self.device), key_mask, positions, query_idx))
+        return SimpleNamespace(logits=self.logits(x.to(self.device), key_mask, positions, query_idx,
+                                                  prompt_width=prompt_width))
 
     @torch.no_grad()
-    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
+    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None, prompt_width=None):
         """fp32 logits [B, Q, V]; rows without any mask token are not computed (zeros) unless no
-        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache.
-        `work` lists what the call computed, as BatchCache.work does: [(rows, positions per row)]."""
+        row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache
+        or blockcache.BlockCache. `work` lists what the call computed, as BatchCache.work does:
+        [(rows, positions per row)]. A block-diffusion model without its cache runs the whole
+        block-causal forward (blockcache.full_logits), which needs `prompt_width`."""
         if cache is not None:
             return cache(x, key_mask, positions, query_idx)
+        if self.block_size and prompt_width is None:
+            raise ValueError("a block-diffusion model's forward needs the prompt width (its block grid starts there)")
         B, T = x.shape
         if positions is None and key_mask is None:
             positions = torch.arange(T, device=self.device).expand(B, T)
@@ -67,6 +76,9 @@ class DiffusionLM:
         if query_idx is None:
             query_idx = torch.arange(T, device=self.device).expand(B, T)
         attend = None if key_mask is None else key_mask[:, None, None, :]
+        if self.block_size:
+            attend = blockcache.block_mask(key_mask, prompt_width, self.block_size, None, T).expand(B, -1, -1, -1)
+            attend = attend.to(self.device)
         live = (x == self.mask_id).any(1)
         if int(live.sum()) in (0, B):
             self.work = [(torch.arange(B), T)]

@@ -9,7 +9,7 @@ handle does this for every decoder, which keeps calling model(x) as before (see 
 """
 import torch
 
-from . import networks
+from . import blockcache, networks
 from .decoders import current_block
 from .settings import CACHE_MODES as MODES  # noqa: F401 (the --cache choices)
 
@@ -19,7 +19,13 @@ def tag(run):
 
 
 def for_batch(run, lm, prompt_width):
-    """The BatchCache of one batch of a cached run, None for an exact one."""
+    """The BatchCache of one batch of a cached run, None for an exact one; a block-diffusion model's
+    exact BlockCache (blockcache.py) always."""
+    if lm.block_size:
+        if run.cache != "none":
+            raise ValueError(f"--cache {run.cache}: block-diffusion models keep their own exact cache of "
+                             "finished blocks (docs/models.md); run them with --cache none")
+        return blockcache.BlockCache(lm, prompt_width)
     if run.cache == "none":
         return None
     return BatchCache(lm, run.cache, prompt_width, run.block_length)

@@ -267,6 +267,16 @@ def fast_forwards(net):
     return GraphedForward(partial(forward_logits, net, blocks=blocks)), batch_forwards
 
 
+def block_layers(net, device, graphed=True):
+    """The layers a block-diffusion model's cache runs (blockcache.BlockCache): compiled on a GPU
+    (no CUDA graphs: the window and cache widths change from call to call), else the net's own."""
+    blocks = net.parts()[1]
+    if device.type == "cuda" and graphed:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        return [torch.compile(block, dynamic=True) for block in blocks]
+    return list(blocks)
+
+
 def network_forwards(net, device, graphed=True):
     """(forward, cache_forwards): fast_forwards on a GPU (unless graphed=False), else eager_forwards."""
     return fast_forwards(net) if device.type == "cuda" and graphed else eager_forwards(net)
