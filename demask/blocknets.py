@@ -25,7 +25,7 @@ def block_mask(key_mask, prompt_width, block_size, query_idx=None, length=None):
     empty (SDPA would give NaN). key_mask [B, T] bool or None (no padding: then `length` gives T);
     query_idx [B, Q] the queries' padded indices (default: all T positions)."""
     if key_mask is None:
-        key_mask = torch.ones(1, length, dtype=torch.bool)
+        key_mask = torch.ones(1, length, dtype=torch.bool, device=None if query_idx is None else query_idx.device)
     B, T = key_mask.shape
     device = key_mask.device
     if query_idx is None:
