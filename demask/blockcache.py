@@ -17,6 +17,7 @@ whatever its prompt length, in a batch too; docs/models.md lists it as a deviati
 import torch
 
 from . import networks
+from .blocknets import block_mask
 
 
 def block_of(index, prompt_width, block_size):
@@ -26,29 +27,6 @@ def block_of(index, prompt_width, block_size):
 
 def block_start(index, prompt_width, block_size):
     return prompt_width + block_size * block_of(index, prompt_width, block_size)
-
-
-def block_mask(key_mask, prompt_width, block_size, query_idx=None, width=None):
-    """[B, 1, Q, T] bool attention mask of the block-causal forward (True = attend): query q sees key
-    k when k is not padding and block(k) <= block(q). A padding query sees only itself (its output
-    is never used; a query that sees nothing would make NaNs in SDPA), so it is the same cached or not.
-    key_mask [B, T] bool or None (width T then needed); query_idx [B, Q] (default: every position)."""
-    if key_mask is None:
-        key_mask = torch.ones(1, width, dtype=torch.bool)
-    B, T = key_mask.shape
-    index = torch.arange(T, device=key_mask.device)
-    query = index.expand(B, T) if query_idx is None else query_idx.to(key_mask.device)
-    causal = block_of(index, prompt_width, block_size)[None, None, :] <= \
-        block_of(query, prompt_width, block_size)[:, :, None]
-    itself = (index[None, None, :] == query[:, :, None]) & ~key_mask.gather(1, query)[:, :, None]
-    return ((key_mask[:, None, :] & causal) | itself)[:, None]
-
-
-def full_logits(lm, x, key_mask, positions, query_idx, prompt_width):
-    """The block-causal forward without a cache: fp32 logits [B, Q, V] of the query positions."""
-    B, T = x.shape
-    mask = block_mask(key_mask, prompt_width, lm.net.block_size, None, T).expand(B, -1, -1, -1).to(x.device)
-    return lm.forward(x, positions, mask, query_idx).float()
 
 
 class BlockCache:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import blockcache, kvcache, networks, trajectories
+from . import blocknets, kvcache, networks, trajectories
 from .decoders import current_block
 from .tasks import InputError
 
@@ -63,7 +63,7 @@ class DiffusionLM:
         row has one. key_mask [B, T] bool (False = padding) or None; `cache`: a kvcache.BatchCache
         or blockcache.BlockCache. `work` lists what the call computed, as BatchCache.work does:
         [(rows, positions per row)]. A block-diffusion model without its cache runs the whole
-        block-causal forward (blockcache.full_logits), which needs `prompt_width`."""
+        block-causal forward (blocknets.block_mask), which needs `prompt_width`."""
         if cache is not None:
             return cache(x, key_mask, positions, query_idx)
         if self.block_size and prompt_width is None:
@@ -77,7 +77,7 @@ class DiffusionLM:
             query_idx = torch.arange(T, device=self.device).expand(B, T)
         attend = None if key_mask is None else key_mask[:, None, None, :]
         if self.block_size:
-            attend = blockcache.block_mask(key_mask, prompt_width, self.block_size, None, T).expand(B, -1, -1, -1)
+            attend = blocknets.block_mask(key_mask, prompt_width, self.block_size, None, T).expand(B, -1, -1, -1)
             attend = attend.to(self.device)
         live = (x == self.mask_id).any(1)
         if int(live.sum()) in (0, B):

@@ -85,7 +85,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.gate = Router(c)
+        self.gate, self.top_k = Router(c), c["num_experts_per_tok"]
         self.experts = Experts(c["num_experts"], c["hidden_size"], c["moe_intermediate_size"])
         shared = c.get("num_shared_experts") or 0
         self.shared_experts = SwiGLU(c["hidden_size"], c["moe_intermediate_size"] * shared) if shared else None

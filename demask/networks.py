@@ -337,14 +337,24 @@ def cached_forward(net, x, positions, key_mask, query_idx, keys, values, hidden,
 
 MODEL_CLASSES = {"llada": LLaDA, "dream": Dream}  # the dense networks; network_class adds LLaDA-MoE's
 # Architecture -> what decoders and prompts see (`family`): LLaDA-MoE decodes as LLaDA does (no shift,
-# LLaDA's sampling).
-FAMILIES = {"llada": "llada", "dream": "dream", "llada_moe": "llada"}
+# LLaDA's sampling); of the block-diffusion networks (blocknets.py, llada2.py) SDAR and LLaDA2.0 as
+# LLaDA (row i predicts token i), Fast-dLLM v2 as Dream (row i predicts token i + 1).
+FAMILIES = {"llada": "llada", "dream": "dream", "llada_moe": "llada",
+            "sdar": "llada", "fast_dllm_qwen": "dream", "llada2_moe": "llada"}
+BLOCK_ARCHITECTURES = ("sdar", "fast_dllm_qwen", "llada2_moe")
 
 
 def network_class(architecture):
+    """The network of an architecture; the other modules' networks build on this module's layers."""
     if architecture == "llada_moe":
-        from .moe import LLaDAMoE  # moe.py builds on this module's layers
+        from .moe import LLaDAMoE
         return LLaDAMoE
+    if architecture == "llada2_moe":
+        from .llada2 import LLaDA2MoE
+        return LLaDA2MoE
+    if architecture in BLOCK_ARCHITECTURES:
+        from .blocknets import BLOCK_ARCHITECTURES as BLOCK_NETWORKS
+        return BLOCK_NETWORKS[architecture]
     return MODEL_CLASSES[architecture]
 
 
@@ -355,8 +365,21 @@ def model_architecture(config):
     if kind in ("llada", "lladamoe") and "num_experts" in config:
         return "llada_moe"
     if kind not in FAMILIES:
-        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (expected LLaDA, LLaDA-MoE or Dream)")
+        raise ValueError(f"unsupported model_type {config.get('model_type')!r} (expected LLaDA, LLaDA-MoE, Dream, "
+                         "SDAR, Fast-dLLM v2 or LLaDA2.0)")
     return kind
+
+
+def is_block_model(path_or_id):
+    """Whether a model is a block-diffusion one: from its config.json when local or cached, else from
+    the labels' hub checkpoints (None: not known before it loads)."""
+    path = cached_model_path(path_or_id)
+    if path is None:
+        return BLOCK_CHECKPOINTS.get(path_or_id)
+    try:
+        return model_architecture(json.load(open(os.path.join(path, "config.json")))) in BLOCK_ARCHITECTURES
+    except (OSError, ValueError):
+        return None
 
 
 def model_family(config):
@@ -370,6 +393,7 @@ CHECKPOINT_BYTES = {"GSAI-ML/LLaDA-8B-Instruct": 16031162368, "Dream-org/Dream-v
                     "GSAI-ML/LLaDA-1.5": 16031162368, "GSAI-ML/LLaDA-8B-Base": 16031162368,
                     "Dream-org/Dream-Coder-v0-Instruct-7B": 15231233024, "apple/DiffuCoder-7B-Instruct": 15231233024,
                     "inclusionAI/LLaDA-MoE-7B-A1B-Instruct": 14713761792}
+BLOCK_CHECKPOINTS = {}  # hub id -> True for the block-diffusion labels' checkpoints (filled with the labels)
 
 
 def cached_model_path(path_or_id):
@@ -437,11 +461,21 @@ def load_tokenizer(path, family):
     return tokenizer
 
 
+# Mask ids the authors' generate functions pass where config.json names none and the tokenizer has no
+# mask_token: LLaDA2.0's generate (mask_id=156895), Fast-dLLM v2's (its `|<MASK>|` token, 151665).
+GENERATE_MASK_IDS = {"llada2_moe": 156895, "fast_dllm_qwen": 151665}
+
+
 def mask_token_id(config, tokenizer):
-    """config.json's mask_token_id, else the tokenizer's mask token (LLaDA-MoE's config.json has none)."""
+    """config.json's mask_token_id, else the tokenizer's mask token (LLaDA-MoE's config.json has none),
+    else the id the architecture's own generate function passes (GENERATE_MASK_IDS)."""
     if config.get("mask_token_id") is not None:
         return config["mask_token_id"]
     found = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    if found is None and tokenizer is not None:  # Fast-dLLM v2 names it only as an added special token
+        found = tokenizer.get_vocab().get("|<MASK>|")
+    if found is None:
+        found = GENERATE_MASK_IDS.get(model_architecture(config))
     if found is None:
         raise ValueError("config.json has no mask_token_id and the tokenizer names no mask token")
     return found

@@ -5,6 +5,7 @@
     python scripts/bench_throughput.py --model_path models/tiny-llada --device cpu  # CPU, bundled model
     python scripts/bench_throughput.py --shapes llada --batch_sizes 1,8 --cache none,prefix,dual  # --cache modes
     python scripts/bench_throughput.py --shapes llada --batch_sizes 8 --decoders confidence_greedy,wino,saber  # cost per forward
+    python scripts/bench_throughput.py --shapes llada,sdar,fast_dllm_qwen --batch_sizes 1,8,32  # block diffusion, exact cache
 
 Random-weight models of the real LLaDA-8B / Dream-7B / LLaDA-MoE-7B-A1B shapes are built on the
 device (no download; LLaDA-MoE's from its config.json in tests/fixtures/model_files, its prompts
@@ -53,7 +54,16 @@ CONFIGS = {  # the real checkpoints' config.json values that matter for the forw
     "llada_moe": dict(json.load(open(os.path.join(REPO, "tests", "fixtures", "model_files", "llada-moe-7b-a1b-instruct",
                                                   "config.json"))), mask_token_id=156895),
 }
-LENGTHS = {"llada": "llada", "dream": "dream", "llada_moe": "llada"}  # whose MATH-500 prompt lengths a shape uses
+# block-diffusion shapes: the config.json in tests/fixtures/model_files (shape -> folder)
+BLOCK_SHAPES = {"sdar": "sdar-4b-chat", "fast_dllm_qwen": "fast_dllm_v2_7b", "llada2_moe": "llada2.0-mini"}
+LENGTHS = {"llada": "llada", "dream": "dream", "llada_moe": "llada", "sdar": "dream", "fast_dllm_qwen": "dream",
+           "llada2_moe": "llada"}  # whose MATH-500 prompt lengths a shape uses
+
+
+def shape_config(shape):
+    if shape in BLOCK_SHAPES:
+        return json.load(open(os.path.join(REPO, "tests", "fixtures", "model_files", BLOCK_SHAPES[shape], "config.json")))
+    return CONFIGS[shape]
 
 
 class CountingLM(core.DiffusionLM):
@@ -89,9 +99,9 @@ def build(shape, model_path, device):
         loaded = networks.load_checkpoint(model_path, device=device)
         loaded.tokenizer = None
     else:
-        config = CONFIGS[shape]
+        config = shape_config(shape)
         with torch.device(device):
-            net = networks.network_class(shape)(config).to(torch.bfloat16)
+            net = networks.network_class(networks.model_architecture(config))(config).to(torch.bfloat16)
         for p in net.parameters():
             torch.nn.init.normal_(p, std=0.02)
         loaded = SimpleNamespace(net=net.eval(), family=networks.FAMILIES[shape], architecture=shape, tokenizer=None,
@@ -305,8 +315,12 @@ def bench(model, family, batch_size, args, cache, decoder="confidence_greedy"):
     args = argparse.Namespace(**{**vars(args), "cache": cache, "decoder": decoder})
     batches = label_batches(model, family, batch_size, args.samples)
     warm_up = argparse.Namespace(**{**vars(args), "steps": 4, "gen_length": 16, "block_length": 16})
+    if model.block_size:  # a block model decodes in its own blocks
+        args.block_length = warm_up.block_length = warm_up.gen_length = model.block_size
     run(model, batches[0], warm_up)
     model.reset_counts()
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
     sample_forwards = 0
     sync(args.device)
     start = time.perf_counter()
@@ -316,13 +330,16 @@ def bench(model, family, batch_size, args, cache, decoder="confidence_greedy"):
     seconds = time.perf_counter() - start
     rate = sample_forwards / seconds
     calls = model.calls
-    bare = sum(bare_forward_ms(model, batch, args) for batch in batches) / len(batches)
+    # a block model's forwards run against its cache: no bare forward of one state to compare with
+    bare = None if model.block_size else sum(bare_forward_ms(model, batch, args) for batch in batches) / len(batches)
     return dict(model=family, batch=batch_size, cache=cache, decoder=decoder, samples=sum(map(len, batches)), temperature=args.temperature,
                 top_p=args.top_p, ms_per_forward=1000 * seconds / calls, bare_ms_per_forward=bare,
-                decode_over_bare=1000 * seconds / calls / bare, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
+                decode_over_bare=bare and 1000 * seconds / calls / bare, sample_forwards_per_s=rate, tflops=model.flops / seconds / 1e12,
                 padding_share=1 - model.flops / model.padded_flops,
                 bound_fraction=model.flops / seconds / PEAK,
-                forwards_per_sample=sample_forwards / sum(map(len, batches)),
+                forwards_per_sample=sample_forwards / sum(map(len, batches)), block_length=args.block_length,
+                tokens_per_s=sum(map(len, batches)) * args.gen_length / seconds,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
                 projected_minutes=500 * args.steps / rate / 60)
 
 
@@ -360,10 +377,11 @@ def main():
     rows = []
     for shape in ([None] if args.model_path else args.shapes.split(",")):
         model = build(shape, args.model_path, args.device)
-        if args.device.startswith("cuda") and not args.eager:
+        if args.device.startswith("cuda") and not args.eager and not model.block_size:
             print(f"{model.name}: fast vs eager forward max |diff| of logits: {graph_error(model, model.name)}")
         if args.eager or not args.device.startswith("cuda"):
             model.forward, model.cache_forwards = networks.eager_forwards(model.net)
+            model.block_layers = list(model.net.parts()[1])
         if args.invariance:
             rows.append(invariance(model, model.name, args.invariance, 8, args))
         for b, cache, name in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(","),
@@ -371,7 +389,8 @@ def main():
             rows.append(bench(model, model.name, b, args, cache, name))
             r = rows[-1]
             print(f"{r['model']:9s} B={r['batch']:3d} cache {cache:6s} {name:17s} n={r['samples']:4d}  "
-                  f"{r['forwards_per_sample']:6.1f} forwards/sample  "
+                  f"{r['forwards_per_sample']:6.1f} forwards/sample  {r['tokens_per_s']:8.1f} tokens/s  "
+                  f"peak {r['peak_gib'] or 0:5.1f} GiB  "
                   f"{r['ms_per_forward']:8.2f} ms/forward  {r['sample_forwards_per_s']:8.1f} sample-forwards/s  {r['tflops']:6.1f} TFLOP/s "
                   f"({100 * r['bound_fraction']:.0f}% of bound)  projected {r['projected_minutes']:.1f} min / 500 samples",
                   flush=True)

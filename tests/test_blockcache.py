@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from demask import blockcache, core, decoders, kvcache
+from demask import blockcache, blocknets, core, decoders, kvcache
 from demask.settings import RunSettings
 
 S = 4
@@ -38,7 +38,7 @@ def padded_batch(lm, lengths, gen_length, seed=0):
 
 def test_block_mask_is_block_causal_from_the_generation_start():
     key_mask = torch.tensor([[False, True, True, True, True, True, True, True]])
-    mask = blockcache.block_mask(key_mask, prompt_width=3, block_size=2)[0, 0]
+    mask = blocknets.block_mask(key_mask, prompt_width=3, block_size=2)[0, 0]
     # blocks of padded index 0..7 with P = 3, S = 2: -2, -1, -1, 0, 0, 1, 1, 2
     assert mask[4].tolist() == [False, True, True, True, True, False, False, False]
     assert mask[7].tolist() == [False, True, True, True, True, True, True, True]
