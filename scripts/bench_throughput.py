@@ -384,8 +384,8 @@ def main():
             model.block_layers = list(model.net.parts()[1])
         if args.invariance:
             rows.append(invariance(model, model.name, args.invariance, 8, args))
-        for b, cache, name in itertools.product(map(int, args.batch_sizes.split(",")), args.cache_modes.split(","),
-                                                args.decoders.split(",")):
+        modes = ["none"] if model.block_size else args.cache_modes.split(",")  # a block model: its exact cache
+        for b, cache, name in itertools.product(map(int, args.batch_sizes.split(",")), modes, args.decoders.split(",")):
             rows.append(bench(model, model.name, b, args, cache, name))
             r = rows[-1]
             print(f"{r['model']:9s} B={r['batch']:3d} cache {cache:6s} {name:17s} n={r['samples']:4d}  "
