@@ -18,7 +18,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from demask import blockdecoders, decoders
+import custom_demask_eval as cde
+from demask import blockdecoders, core, decoders
 from conftest import FIXTURES
 
 
@@ -179,3 +180,31 @@ def test_unaligned_prompt_differs_from_upstream_grid(family, run):
     assert len(prompt) == 19 and len(prompt) % our_arguments(family, s)[3]
     gens, _ = decode(family, ToyBlockLM(**data["toy"]), [prompt], s, s["seed"] + 12)
     assert gens[0] != recorded["tokens"][12]
+
+
+@pytest.mark.parametrize("run", [0, 1])
+def test_sdar_through_the_harness_on_the_tiny_sdar_network(run):
+    """The harness's decode path (block-causal handle, exact cache of finished blocks, rule checks) with
+    the tiny SDAR checkpoint gives the authors' tokens, greedy and sampled, each prompt alone; forwards
+    are the authors' calls less the prefill and one store per block."""
+    data = fixture("sdar")["tiny_network"]
+    lm = core.load_model(os.path.join(FIXTURES, "sdar_tiny"), device="cpu")
+    recorded = data["runs"][run]
+    s = recorded["settings"]
+    args, gen_length, steps, block = our_arguments("sdar", s)
+    run_settings = cde.LABELS["tiny-math"].replace(gen_length=gen_length, steps=steps, block_length=block)
+    decoder = decoders.build_decoder("sdar", lm.mask_id, run_settings, args)
+    for i, prompt in enumerate(data["prompts"]):
+        gens, counted, _ = core.decode_batch(run_settings, lm, decoder, [dict(id=i, prompt_ids=prompt)], seed=s["seed"] + i)
+        cut = gens[0][:gens[0].index(lm.stop_ids[0]) + 1] if lm.stop_ids[0] in gens[0] else gens[0]
+        assert cut == recorded["tokens"][i]
+        assert counted[0] == recorded["model_calls"][i] - 1 - gen_length // block
+
+
+def test_dynamic_commit_by_hand():
+    """Row 0: two candidates above 0.9 and k 2, both go; row 1: one above 0.9 but k 2, so the top two;
+    row 2: k 1 and none above, the best alone. A committed position (not a candidate) never goes."""
+    conf = torch.tensor([[0.95, 0.2, 0.91, 0.99], [0.95, 0.3, 0.5, 0.1], [0.4, 0.6, 0.2, 0.1]])
+    candidates = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, True, True]])
+    commit = blockdecoders.dynamic_commit(conf, candidates, torch.tensor([2, 2, 1]), 0.9)
+    assert commit.tolist() == [[True, False, True, False], [True, False, True, False], [False, True, False, False]]
