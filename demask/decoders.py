@@ -932,3 +932,4 @@ register_method("dream_schedule", DreamScheduleDecoder, method_type="schedule", 
 
 from . import calibrated  # noqa: E402,F401  (registers pc_sampler, localleap, credit, sched)
 from . import verifying  # noqa: E402,F401  (registers wino, saber, freedave)
+from . import blockdecoders  # noqa: E402,F401  (registers sdar, llada2, fastdllm_v2)

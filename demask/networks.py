@@ -392,7 +392,11 @@ CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # what a hub
 CHECKPOINT_BYTES = {"GSAI-ML/LLaDA-8B-Instruct": 16031162368, "Dream-org/Dream-v0-Instruct-7B": 15231233024,
                     "GSAI-ML/LLaDA-1.5": 16031162368, "GSAI-ML/LLaDA-8B-Base": 16031162368,
                     "Dream-org/Dream-Coder-v0-Instruct-7B": 15231233024, "apple/DiffuCoder-7B-Instruct": 15231233024,
-                    "inclusionAI/LLaDA-MoE-7B-A1B-Instruct": 14713761792}
+                    "inclusionAI/LLaDA-MoE-7B-A1B-Instruct": 14713761792,
+                    # block diffusion: SDAR-4B-Chat's and Fast_dLLM_v2_7B's index; TraDo-4B-Instruct is SDAR-4B-Chat
+                    # trained further (same shapes); LLaDA2.0-mini: bf16 bytes of its (reconstructed) config's shapes
+                    "JetAstra/SDAR-4B-Chat": 8822848512, "Gen-Verse/TraDo-4B-Instruct": 8822848512,
+                    "Efficient-Large-Model/Fast_dLLM_v2_7B": 15231233024, "inclusionAI/LLaDA2.0-mini": 32511277056}
 BLOCK_CHECKPOINTS = {}  # hub id -> True for the block-diffusion labels' checkpoints (filled with the labels)
 
 
@@ -452,9 +456,11 @@ PLAIN_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['conte
 
 
 def load_tokenizer(path, family):
-    """The checkpoint's tokenizer (Qwen2's class for Dream); PLAIN_TEMPLATE when it has no chat template."""
+    """The checkpoint's tokenizer (Qwen2's class for Dream and for any Qwen-vocabulary checkpoint that ships
+    vocab.json and merges.txt without tokenizer.json); PLAIN_TEMPLATE when it has no chat template."""
     import transformers
-    cls = transformers.Qwen2Tokenizer if family == "dream" else transformers.PreTrainedTokenizerFast
+    qwen_files = not os.path.exists(os.path.join(path, "tokenizer.json")) and os.path.exists(os.path.join(path, "vocab.json"))
+    cls = transformers.Qwen2Tokenizer if family == "dream" or qwen_files else transformers.PreTrainedTokenizerFast
     tokenizer = cls.from_pretrained(path)
     if not tokenizer.chat_template:
         tokenizer.chat_template = PLAIN_TEMPLATE
