@@ -127,15 +127,15 @@ class BlockCache:
         for i, layer in enumerate(self.layers):
             cached = (self.keys[i], self.values[i], rows, computed) if start > 0 else None
             h, k, v = layer(h, rope, mask, cached)
-            self.store(i, rows, k, v, x.shape[1])
+            self.store(i, rows, k[:, :, start:end], v[:, :, start:end], start, x.shape[1])
         self.hidden[rows, start:end] = h
 
-    def store(self, layer, rows, k, v, width):
-        """Keep a layer's keys and values [r, kv heads, positions, head_dim] of the rows `rows`: all T
-        positions (a forward against the cache) or the first ones (a forward from the start)."""
+    def store(self, layer, rows, k, v, start, width):
+        """Keep a layer's keys and values [r, kv heads, positions, head_dim] of the rows `rows` for the
+        window's positions (from `start`)."""
         if self.keys is None:
             n_layers = len(self.layers)
             self.keys = k.new_zeros((n_layers, self.rows, k.shape[1], width, k.shape[-1]))
             self.values = torch.zeros_like(self.keys)
-        n = k.shape[2]
-        self.keys[layer, rows, :, :n], self.values[layer, rows, :, :n] = k, v
+        end = start + k.shape[2]
+        self.keys[layer, rows, :, start:end], self.values[layer, rows, :, start:end] = k, v
