@@ -29,6 +29,16 @@ def block_start(index, prompt_width, block_size):
     return prompt_width + block_size * block_of(index, prompt_width, block_size)
 
 
+def call_inputs(x, key_mask, positions, query_idx):
+    """A cache's view of a call: (key mask, positions, queries) [R, T] / [R, Q] with their defaults
+    (no padding, positions counted over the key mask, every position queried)."""
+    R, T = x.shape
+    keys = torch.ones_like(x, dtype=torch.bool) if key_mask is None else key_mask
+    positions = (keys.long().cumsum(1) - 1).clamp(min=0) if positions is None else positions.to(x.device)
+    query = torch.arange(T, device=x.device).expand(R, T) if query_idx is None else query_idx
+    return keys, positions, query
+
+
 def deviations(lm):
     """The entries summary.json's deviation list gets for a block-diffusion model's run."""
     if not lm.block_size:
@@ -86,9 +96,7 @@ class BlockCache:
     @torch.no_grad()
     def __call__(self, x, key_mask, positions, query_idx):
         R, T = x.shape
-        keys = torch.ones_like(x, dtype=torch.bool) if key_mask is None else key_mask
-        positions = (keys.long().cumsum(1) - 1).clamp(min=0) if positions is None else positions.to(x.device)
-        query = torch.arange(T, device=x.device).expand(R, T) if query_idx is None else query_idx
+        keys, positions, query = call_inputs(x, key_mask, positions, query_idx)
         if self.rows != R or self.x.shape[1] != T:
             self.reset(x, keys, positions)
         self.invalidate(x, keys, positions)

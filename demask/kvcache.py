@@ -80,9 +80,7 @@ class BatchCache:
     @torch.no_grad()
     def __call__(self, x, key_mask, positions, query_idx):
         R, T = x.shape
-        keys = torch.ones_like(x, dtype=torch.bool) if key_mask is None else key_mask
-        positions = (keys.long().cumsum(1) - 1).clamp(min=0) if positions is None else positions.to(x.device)
-        query = torch.arange(T, device=x.device).expand(R, T) if query_idx is None else query_idx
+        keys, positions, query = blockcache.call_inputs(x, key_mask, positions, query_idx)
         if self.cache is None or self.cache.n_rows != R:
             self.cache, self.block = networks.KVCache(R), torch.full((R,), -1, device=x.device)
             self.x, self.keys, self.positions = x.clone(), keys.clone(), positions.clone()
