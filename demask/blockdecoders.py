@@ -20,8 +20,9 @@ Followed upstream code:
   temperature 0.
 
 Tokens are drawn with one torch.multinomial call over the batch's query rows (the upstream functions
-decode one prompt at a time, so a batch of one draws exactly as they do); the mask id and the padded
-logit columns are never drawn (`choosable`).
+decode one prompt at a time, so a batch of one draws exactly as they do). A draw may give the mask id, as
+the authors' draws do (the position stays masked); the padded logit columns are never drawn, and greedy
+choices never take the mask id (`choosable`).
 """
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,12 @@ def top_p_filter(logits, top_p):
     return logits.masked_fill(drop.scatter(-1, order, drop), -torch.inf)
 
 
-def draw(probs, logits, model):
-    """One multinomial draw per row of `probs` [B, Q, V] (float32), never an id `choosable` excludes."""
-    allowed = torch.isfinite(choosable(logits, model))
-    flat = probs.masked_fill(~allowed, 0.0).flatten(0, -2)
+def draw(probs, model):
+    """One multinomial draw per row of `probs` [B, Q, V] (float32), never a padded logit column beyond
+    the tokenizer. The mask id can be drawn, as the authors' functions draw it: a position committed
+    to it stays masked and is decoded again at a later step."""
+    padded = torch.arange(probs.shape[-1], device=probs.device) >= getattr(model, "n_tokens", probs.shape[-1])
+    flat = probs.masked_fill(padded, 0.0).flatten(0, -2)
     return torch.multinomial(flat, 1).view(probs.shape[:-1])
 
 
@@ -117,7 +120,7 @@ class SdarDecoder(DynamicThresholdDecoder):
             tokens = greedy(scaled, batch.model)
         else:
             filtered = top_p_filter(top_k_filter(scaled, self.top_k), self.top_p)
-            tokens = draw(filtered.softmax(-1), logits, batch.model)
+            tokens = draw(filtered.softmax(-1), batch.model)
         return tokens, gathered(probs, tokens)
 
 
@@ -137,7 +140,7 @@ class Llada2Decoder(DynamicThresholdDecoder):
             return tokens, gathered(probs, tokens)
         filtered = top_p_filter(top_k_filter(logits / self.temperature, self.top_k), self.top_p)
         probs = filtered.softmax(-1)
-        tokens = draw(probs, logits, batch.model)
+        tokens = draw(probs, batch.model)
         return tokens, gathered(probs, tokens)
 
 
@@ -171,7 +174,7 @@ class FastDllmV2Decoder(BlockDecoder):
             tokens = greedy(part, batch.model)
         else:
             probs = nucleus_probs((part / self.temperature).softmax(-1), self.top_p)
-            tokens = draw(probs, part, batch.model)
+            tokens = draw(probs, batch.model)
         return tokens, gathered(probs, tokens)
 
     def select(self, logits, candidates, k, step, batch):
