@@ -1,6 +1,8 @@
 """The block-diffusion families' decoders (demask/blockdecoders.py): parity with the authors' generate
 functions on recorded outputs (tests/fixtures/{sdar,llada2,fastdllm_v2}_generate_upstream.json), the
-commit rules on hand-made cases, batches equal to their rows alone.
+commit rules on hand-made cases, batches equal to their rows alone; and each decoder through the harness
+on its family's tiny network against the same functions run on the authors' modeling code with the same
+weights (`tiny_network` in the same files).
 
 The recorded outputs come from the authors' generate functions run unmodified in /tmp on
 `ToyBlockLM`, a tiny deterministic block-causal language model defined here: a row's logits are a
@@ -208,3 +210,46 @@ def test_dynamic_commit_by_hand():
     candidates = torch.tensor([[True, True, True, False], [True, True, True, True], [True, True, True, True]])
     commit = blockdecoders.dynamic_commit(conf, candidates, torch.tensor([2, 2, 1]), 0.9)
     assert commit.tolist() == [[True, False, True, False], [True, False, True, False], [False, True, False, False]]
+
+
+# The tiny configs carry no mask id, like the real checkpoints' configs; the harness would take the
+# architecture's real one (outside the tiny vocabularies), so the tests set the id the recorded runs used.
+TINY_MASK_ID = {"llada2": 95, "fastdllm_v2": 380}
+
+
+@pytest.mark.parametrize("family,run", [(f, i) for f in ("llada2", "fastdllm_v2") for i in range(3)])
+def test_llada2_and_fastdllm_v2_through_the_harness_on_their_tiny_networks(family, run):
+    """The harness's decode path (block-causal handle, exact cache of finished blocks, rule checks) with
+    the tiny LLaDA2.0 / Fast-dLLM v2 checkpoint, its loaded `mask_id` set to the recorded runs' id (95 /
+    380; the config has none), gives the authors' tokens, greedy and sampled, each prompt alone. No
+    generation reaches the stop id (94 / 379), so every forward of a full decode is compared: LLaDA2.0
+    the same count (one forward per step; upstream recomputes the prefix, the harness reads its cached
+    finished blocks); Fast-dLLM v2 one fewer (upstream's final forward stores the last block and reads a
+    next block's first token that is never used; the prefill's read of the first block's first token is
+    the harness's first forward of that block)."""
+    data = fixture(family)["tiny_network"]
+    lm = core.load_model(os.path.join(FIXTURES, f"{family}_tiny"), device="cpu")
+    lm.mask_id = TINY_MASK_ID[family]
+    recorded = data["runs"][run]
+    s = recorded["settings"]
+    args, gen_length, steps, block = our_arguments(family, s)
+    assert block == lm.block_size
+    run_settings = cde.LABELS["tiny-math"].replace(gen_length=gen_length, steps=steps, block_length=block)
+    decoder = decoders.build_decoder(family, lm.mask_id, run_settings, args)
+    for i, prompt in enumerate(data["prompts"]):
+        assert len(prompt) % block == 0
+        gens, counted, _ = core.decode_batch(run_settings, lm, decoder, [dict(id=i, prompt_ids=prompt)], seed=s["seed"] + i)
+        assert lm.stop_ids[0] not in recorded["tokens"][i] and len(recorded["tokens"][i]) == gen_length
+        assert gens[0] == recorded["tokens"][i], (family, s["name"], i)
+        assert counted[0] == recorded["model_calls"][i] - (family == "fastdllm_v2")
+
+
+def test_a_draw_may_give_the_mask_id_never_a_padded_column():
+    """Row 0 holds all its mass on the mask id (4) and draws it; row 1 splits it between id 1 and the
+    padded column 5 (beyond the 5 tokenizer ids) and always draws 1."""
+    probs = torch.zeros(1, 2, 6)
+    probs[0, 0, 4] = 1.0
+    probs[0, 1, 1] = probs[0, 1, 5] = 0.5
+    model = SimpleNamespace(mask_id=4, n_tokens=5)
+    torch.manual_seed(0)
+    assert all(blockdecoders.draw(probs, model).tolist() == [[4, 1]] for _ in range(20))
