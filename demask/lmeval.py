@@ -311,13 +311,14 @@ class DemaskLM(LM):
     @torch.no_grad()
     def mc_loglikelihood(self, prefix, target):
         """LLaDA's get_loglikelihood: -mean over mc_num / mc_batch forwards of
-        sum(masked cross-entropy / ratio) / mc_batch."""
+        sum(masked cross-entropy / ratio) / mc_batch. A block-diffusion model's blocks start at the
+        target."""
         seq = torch.tensor([list(prefix) + list(target)]).repeat(self.mc_batch, 1)
         losses = []
         for _ in range(self.mc_num // self.mc_batch):
             noisy, ratio = self.forward_process(seq, len(prefix))
             masked = noisy == self.lm.mask_id
-            logits = self.lm.logits(noisy.to(self.lm.device), None).cpu()
+            logits = self.lm.logits(noisy.to(self.lm.device), None, prompt_width=len(prefix)).cpu()
             loss = F.cross_entropy(logits[masked], seq[masked], reduction="none") / ratio[masked]
             losses.append(float(loss.sum()) / self.mc_batch)
         return -sum(losses) / len(losses)
@@ -329,7 +330,7 @@ class DemaskLM(LM):
         seq = torch.tensor([list(prefix) + [self.lm.mask_id] * len(target)])
         for _ in range(len(target)):
             masked = seq == self.lm.mask_id
-            logits = self.lm.logits(seq.to(self.lm.device), None).cpu()[masked]
+            logits = self.lm.logits(seq.to(self.lm.device), None, prompt_width=len(prefix)).cpu()[masked]
             x0 = logits.argmax(-1)
             confidence = torch.softmax(logits, -1).gather(-1, x0[:, None]).squeeze(-1)
             order = torch.sort(confidence, descending=True).indices

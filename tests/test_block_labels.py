@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import FIXTURES, REPO
 from test_families import LING_SPECIALS, LING_TEMPLATE, write_hub_checkpoint
@@ -132,3 +133,21 @@ def test_block_models_report_the_deviation_of_their_grid(tmp_path, checkpoints):
     summary = json.load(open(next(p for p in (tmp_path.rglob("summary.json")))))
     text = json.dumps(summary)
     assert "block grid starts at the generation" in text and "exact cache of finished blocks" in text
+
+
+def test_lm_eval_loglikelihood_of_a_block_model_has_its_blocks_start_at_the_target(checkpoints):
+    """lm-eval's Monte Carlo log-likelihood on a block-diffusion model: a one-token target is masked
+    alone, so the estimate is log p(target | prefix) of the block-causal forward with the grid at the target."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install -r requirements-lmeval.txt")
+    from types import SimpleNamespace
+    from demask import lmeval
+    model = lmeval.DemaskLM(model=checkpoints[cde.SDAR], decoder="sdar", gen_length=16, steps=16, block_length=4,
+                            batch_size=2, mc_num=4, mc_batch=2, device="cpu")
+    context, continuation = "Tom has 3 apples and buys 5", " more"
+    prefix, target = model.encode_pair(context, continuation)
+    assert len(target) == 1
+    x = torch.tensor([prefix + [model.lm.mask_id]])
+    exact = torch.log_softmax(model.lm.logits(x, None, prompt_width=len(prefix))[0, -1], -1)[target[0]].item()
+    elsewhere = torch.log_softmax(model.lm.logits(x, None, prompt_width=len(prefix) - 1)[0, -1], -1)[target[0]].item()
+    (ll, _), = model.loglikelihood([SimpleNamespace(args=(context, continuation))])
+    assert ll == pytest.approx(exact, abs=1e-5) and abs(ll - elsewhere) > 1e-3  # the grid matters
