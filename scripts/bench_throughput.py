@@ -78,9 +78,9 @@ class CountingLM(core.DiffusionLM):
         """A forward that computes C of T positions (C = T unless --cache) and the logits of Q."""
         return 2 * self.linear_params * C + 4 * C * T * self.width * self.layers + 2 * self.width * self.vocab_size * Q
 
-    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None):
+    def logits(self, x, key_mask, positions=None, query_idx=None, cache=None, prompt_width=None):
         T, Q = x.shape[1], x.shape[1] if query_idx is None else query_idx.shape[1]
-        out = super().logits(x, key_mask, positions, query_idx, cache)
+        out = super().logits(x, key_mask, positions, query_idx, cache, prompt_width)
         self.calls += 1
         live = (x == self.mask_id).any(1)
         work = cache.work if cache is not None else [(live.nonzero().squeeze(1), T)]
