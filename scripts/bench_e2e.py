@@ -4,6 +4,7 @@
     python scripts/bench_e2e.py --labels llada-math --limit 64 --extra "--decoder klass --batch_size 16"
     python scripts/bench_e2e.py --shapes tiny --limit 2 --device cpu  # CPU smoke test of the same path
     python scripts/bench_e2e.py --labels llada-moe-math --limit 16      # LLaDA-MoE-7B-A1B at its real shapes
+    python scripts/bench_e2e.py --labels sdar-math,trado-math,fast-dllm-v2-math,llada2-mini-math --limit 32
 
 Per model family, in the order --labels first names them, the script
 1. writes a random-weight checkpoint in the hub's on-disk layout to <workdir>/<family>-<shapes>: the
@@ -36,7 +37,7 @@ Reported per label (a table on stdout; --json also writes it with the checkpoint
 - width, us/token-fwd: the steady batches' mean padded width (prompt + generation) and their
   seconds per row, forward and padded position;
 - projected min for the full label = (warm-up + the full run's seconds) / 60, where the full run
-  is priced at the steady us/token-fwd: its n_full samples (500 for MATH, 164 for HumanEval) with
+  is priced at the steady us/token-fwd: its n_full samples (500 MATH, 1319 GSM8K, 164 HumanEval) with
   their prompt lengths under the checkpoint's tokenizer, sorted and batched as the CLI does, each
   batch rows x avg_steps x padded width ("full width" is the mean). The first --limit samples are
   not a sample of the label's lengths (on llada-math at --limit 24 the steady batches are 531
@@ -51,6 +52,20 @@ here), and a stand-in tokenizer with its 157,184 ids: Qwen2's BPE (Dream's files
 reserved placeholders above, Ling's EOS <|endoftext|> 156892 and mask <|mask|> 156895 (the config's
 and the model card's ids), <role>, </role>, <|role_end|> at 156896-156898 (placeholder ids) and
 Ling's chat format; prompt token counts are therefore Qwen2's, not Ling's.
+
+Block-diffusion models (labels sdar-*, trado-*, fast-dllm-v2-*, llada2-mini-*; docs/models.md): one
+checkpoint per architecture, in the order the labels name them: SDAR-4B-Chat's shapes for sdar-* and
+trado-* (TraDo-4B-Instruct is SDAR-4B-Chat trained further; 8.8 GB) and Fast_dLLM_v2_7B's (15.2 GB),
+both with their real config.json and sharded exactly per their real index; LLaDA2.0-mini (32.5 GB)
+from its reconstructed config.json under the official names (one tensor per expert, the routers'
+expert_bias buffers as bf16 zeros) in 7 shards of at most about 5 GB (no real index is here: the
+shard size save_pretrained writes by default). Tokenizers: SDAR / TraDo and Fast-dLLM v2 get
+Qwen2.5's vocabulary (Dream's vocab.json, merges.txt) with the checkpoint's own tokenizer_config.json
+(SDAR-4B-Chat's for TraDo too), SDAR's also saved as tokenizer.json, which the LLaDA family's loader
+reads; LLaDA2.0-mini gets LLaDA-MoE's stand-in Ling tokenizer, whose 157,184 ids, EOS 156892 and mask
+156895 are LLaDA2.0-mini's. These models compute about one block per forward through their exact
+cache, so their us/token-fwd (per padded position of the batch, as for the others) is a price for
+comparing runs, and the projection assumes the cost grows with the width as it does for full forwards.
 
 --shapes tiny writes checkpoints of the same families, vocabularies and tokenizers, but 2 layers of
 width 64, sharded in the index's style (model-0000k-of-0000n.safetensors, at most as many shards as
@@ -78,9 +93,14 @@ from demask import networks  # noqa: E402
 from demask import tasks  # noqa: E402
 
 MODEL_FILES = os.path.join(REPO, "tests", "fixtures", "model_files")
-REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b", "llada_moe": "llada-moe-7b-a1b-instruct"}
-FAMILIES = {cde.LLADA: "llada", cde.DREAM: "dream", cde.LLADA_MOE: "llada_moe"}
-HUB_SHARDS = {"llada_moe": 3}  # shards of a checkpoint whose real index is not in model_files
+REAL_FOLDERS = {"llada": "llada-8b-instruct", "dream": "dream-v0-instruct-7b", "llada_moe": "llada-moe-7b-a1b-instruct",
+                "sdar": "sdar-4b-chat", "fast_dllm_qwen": "fast_dllm_v2_7b", "llada2_moe": "llada2.0-mini"}
+# Label's hub id -> its checkpoint's architecture (networks.py); TraDo-4B has SDAR-4B's shapes and files
+FAMILIES = {cde.LLADA: "llada", cde.DREAM: "dream", cde.LLADA_MOE: "llada_moe", cde.SDAR: "sdar", cde.TRADO: "sdar",
+            cde.FAST_DLLM_V2: "fast_dllm_qwen", cde.LLADA2_MINI: "llada2_moe"}
+HUB_SHARDS = {"llada_moe": 3, "llada2_moe": 7}  # shards of a checkpoint whose real index is not in model_files
+ZERO_BUFFERS = ("expert_bias",)  # saved buffers written as zeros (LLaDA2.0's router bias starts at zero)
+QWEN_VOCAB_FILES = ("vocab.json", "merges.txt")
 DREAM_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "added_tokens.json",
                          "special_tokens_map.json")
 TINY_SIZES = {
@@ -89,6 +109,13 @@ TINY_SIZES = {
                   num_hidden_layers=2),
     "llada_moe": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2, num_experts=8,
                       num_experts_per_tok=2, expert_intermediate_size=32, moe_layer_freq=[1, 1]),
+    "sdar": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                 num_hidden_layers=2),
+    "fast_dllm_qwen": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                           num_hidden_layers=2, layer_types=["full_attention"] * 2),
+    "llada2_moe": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2,
+                       intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, n_group=2,
+                       topk_group=1),
 }
 LING_TOKENS = {156892: "<|endoftext|>", 156895: "<|mask|>", 156896: "<role>", 156897: "</role>", 156898: "<|role_end|>"}
 LING_TEMPLATE = ("{% for m in messages %}<role>{{ {'system': 'SYSTEM', 'user': 'HUMAN', 'assistant': 'ASSISTANT'}"
@@ -114,8 +141,9 @@ def model_config(family, shapes):
 
 
 def parameter_shapes(family, config):
-    """{name: (shape, is_norm)} of networks.py's network for `config`, built on the meta device, under
-    the checkpoint's names (LLaDA-MoE's stacked experts as one tensor per expert)."""
+    """{name: (shape, fill)} of networks.py's network for `config`, built on the meta device, under the
+    checkpoint's names (stacked experts as one tensor per expert); fill is "ones" for norms, "zeros"
+    for ZERO_BUFFERS, else "randn"."""
     with torch.device("meta"):
         net = networks.network_class(family)(config)
     norms = {f"{name}.weight" for name, m in net.named_modules() if isinstance(m, networks.RMSNorm)}
@@ -123,9 +151,10 @@ def parameter_shapes(family, config):
     for key, value in net.state_dict().items():
         head, _, name = key.rpartition(".")
         if head.endswith("mlp.experts"):
-            shapes.update({f"{head}.{j}.{name}.weight": (tuple(value.shape[1:]), False) for j in range(value.shape[0])})
+            shapes.update({f"{head}.{j}.{name}.weight": (tuple(value.shape[1:]), "randn") for j in range(value.shape[0])})
         else:
-            shapes[key] = (tuple(value.shape), key in norms)
+            fill = "ones" if key in norms else "zeros" if name in ZERO_BUFFERS else "randn"
+            shapes[key] = (tuple(value.shape), fill)
     return shapes
 
 
@@ -159,10 +188,10 @@ def shard_plan(family, config, shapes):
 # Writing a checkpoint
 
 
-def random_tensor(shape, is_norm, device):
-    if is_norm:
-        return torch.ones(shape, dtype=torch.bfloat16, device=device)
-    return torch.randn(shape, dtype=torch.bfloat16, device=device).mul_(0.02)
+def random_tensor(shape, fill, device):
+    if fill == "randn":
+        return torch.randn(shape, dtype=torch.bfloat16, device=device).mul_(0.02)
+    return getattr(torch, fill)(shape, dtype=torch.bfloat16, device=device)
 
 
 def write_weights(folder, shapes, index, device):
@@ -229,15 +258,26 @@ def ling_tokenizer():
         chat_template=LING_TEMPLATE, clean_up_tokenization_spaces=False)
 
 
+def qwen_tokenizer(folder, family):
+    """Qwen2.5's vocabulary (Dream's vocab.json / merges.txt) with the checkpoint's own tokenizer_config.json;
+    SDAR's also as tokenizer.json, which its checkpoint ships and the LLaDA family's loader reads."""
+    for name in QWEN_VOCAB_FILES:
+        shutil.copy(real_file("dream", name), folder)
+    shutil.copy(real_file(family, "tokenizer_config.json"), folder)
+    if family == "sdar":
+        networks.load_tokenizer(folder, "dream").save_pretrained(folder)
+
+
 def write_tokenizer(folder, family):
     if family == "llada":
         llada_tokenizer().save_pretrained(folder)
-        return
-    if family == "llada_moe":
+    elif family in ("llada_moe", "llada2_moe"):
         ling_tokenizer().save_pretrained(folder)
-        return
-    for name in DREAM_TOKENIZER_FILES:
-        shutil.copy(real_file(family, name), folder)
+    elif family in ("sdar", "fast_dllm_qwen"):
+        qwen_tokenizer(folder, family)
+    else:
+        for name in DREAM_TOKENIZER_FILES:
+            shutil.copy(real_file(family, name), folder)
 
 
 def write_checkpoint(folder, family, shapes_mode, device, seed):
@@ -270,7 +310,8 @@ def write_checkpoint(folder, family, shapes_mode, device, seed):
 def label_family(label):
     family = FAMILIES.get(cde.LABELS[label].model if label in cde.LABELS else None)
     if family is None:
-        raise SystemExit(f"{label!r}: not a label of LLaDA-8B-Instruct, Dream-v0-Instruct-7B or LLaDA-MoE-7B-A1B-Instruct")
+        raise SystemExit(f"{label!r}: not a label of LLaDA-8B-Instruct, Dream-v0-Instruct-7B, LLaDA-MoE-7B-A1B-Instruct, "
+                         "SDAR-4B-Chat, TraDo-4B-Instruct, Fast_dLLM_v2_7B or LLaDA2.0-mini")
     return family
 
 
@@ -362,7 +403,7 @@ def padded_widths(lengths, ids, batch_size, gen_length):
 
 def prompt_lengths(label, checkpoint):
     """{sample id: prompt tokens} of the whole label, encoded as the CLI encodes them."""
-    family = label_family(label)
+    family = networks.FAMILIES[label_family(label)]
     model = SimpleNamespace(tokenizer=networks.load_tokenizer(checkpoint, family), family=family)
     return {s["id"]: len(tasks.encode_prompt(model, s)) for s in label_samples(label)}
 
@@ -443,12 +484,13 @@ def write_json(path, env, checkpoints, rows):
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--labels", default="llada-math,dream-math,dream-humaneval",
-                   help="comma-separated LLaDA-8B / Dream-7B / LLaDA-MoE labels, grouped by family in this order")
+                   help="comma-separated labels of LLaDA-8B, Dream-7B, LLaDA-MoE or the block-diffusion models, "
+                        "grouped by checkpoint in this order")
     p.add_argument("--limit", type=int, default=16, help="samples per label (LIMIT)")
     p.add_argument("--extra", help="arguments passed to every label script; one flag alone: --extra=--flag (default: "
                    + "; ".join(f"{k}: {v!r}" for k, v in DEFAULT_EXTRA.items()) + ")")
     p.add_argument("--shapes", choices=["real", "tiny"], default="real",
-                   help="real LLaDA-8B / Dream-7B shapes, or tiny ones for a CPU smoke test")
+                   help="the real models' shapes, or tiny ones for a CPU smoke test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the weights are generated; also passed to the labels")
     p.add_argument("--workdir", default="/tmp/e2e", help="checkpoints, run directories and logs")
