@@ -16,6 +16,7 @@ from demask import networks  # noqa: E402
 from demask import tasks  # noqa: E402
 
 LABELS = ["llada-math", "dream-math", "dream-humaneval"]
+BLOCK_LABELS = ["sdar-gsm8k", "fast-dllm-v2-math"]
 
 
 def run_bench(workdir, *args):
@@ -30,6 +31,22 @@ def tiny_run(tmp_path_factory):
     out = run_bench(workdir, "--limit", "2", "--keep", "--json", str(workdir / "e2e.json"))
     assert out.returncode == 0, out.stdout + out.stderr
     return workdir, out.stdout, json.load(open(workdir / "e2e.json"))
+
+
+
+@pytest.fixture(scope="module")
+def block_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("e2e_block")
+    out = run_bench(workdir, "--labels", ",".join(BLOCK_LABELS), "--limit", "2", "--keep",
+                    "--json", str(workdir / "e2e.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout, json.load(open(workdir / "e2e.json"))
+
+
+def layer_of(name):
+    """Layer number of a parameter name, None outside the layers."""
+    parts = name.split(".")
+    return int(parts[parts.index("layers") + 1]) if "layers" in parts else None
 
 # ---------------------------------------------------------------------------
 # The whole path on CPU
@@ -92,6 +109,33 @@ def test_checkpoint_is_sharded_per_its_index(tiny_run, family):
     assert total == index["metadata"]["total_size"]
 
 
+def test_block_labels_write_their_rows(block_run):
+    stdout, report = block_run
+    table = stdout[stdout.index("| label"):].splitlines()
+    assert [line.split("|")[1].strip() for line in table[1:]] == BLOCK_LABELS
+    assert sorted(report["checkpoints"]) == ["fast_dllm_qwen", "sdar"]
+    for row in report["rows"]:
+        family = bench_e2e.label_family(row["label"])
+        assert row["rc"] == 0 and row["model"] == report["checkpoints"][family]["path"]
+        assert row["decoder"] == "confidence_greedy" and row["n"] == 2 and row["avg_steps"] == 16.0
+        assert row["steady_samples"] == 1 and row["us_per_token_forward"] > 0 and row["projected_min"] > 0
+        assert row["n_full"] == {"sdar-gsm8k": 1319, "fast-dllm-v2-math": 500}[row["label"]]
+
+
+@pytest.mark.parametrize("family", ["sdar", "fast_dllm_qwen"])
+def test_tiny_block_checkpoint_has_the_real_indexs_names(block_run, family):
+    """The tiny checkpoint's tensors are the real index's names of its first two layers and the rest."""
+    _, report = block_run
+    folder = report["checkpoints"][family]["path"]
+    index = json.load(open(os.path.join(folder, "model.safetensors.index.json")))
+    real = json.load(open(bench_e2e.real_file(family, "model.safetensors.index.json")))["weight_map"]
+    assert set(index["weight_map"]) == {k for k in real if layer_of(k) is None or layer_of(k) < 2}
+    assert 1 < report["checkpoints"][family]["shards"] <= len(set(real.values()))
+    tokenizer = networks.load_tokenizer(folder, networks.FAMILIES[family])
+    assert len(tokenizer) == {"sdar": 151670, "fast_dllm_qwen": 151666}[family]
+    assert os.path.exists(os.path.join(folder, "tokenizer.json")) == (family == "sdar")
+
+
 def test_failed_label_is_reported(tmp_path):
     out = run_bench(tmp_path, "--labels", "llada-math", "--limit", "1", "--extra", "--gen_length 16 --block_length 5")
     assert out.returncode == 1
@@ -102,11 +146,38 @@ def test_failed_label_is_reported(tmp_path):
 # Pieces
 
 
-@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("family", ["llada", "dream", "sdar", "fast_dllm_qwen"])
 def test_real_config_reuses_the_real_index(family):
     config = bench_e2e.model_config(family, "real")
     index = bench_e2e.shard_plan(family, config, bench_e2e.parameter_shapes(family, config))
     assert index == json.load(open(bench_e2e.real_file(family, "model.safetensors.index.json")))
+
+
+def test_llada2_real_plan_has_official_names_in_seven_shards():
+    config = bench_e2e.model_config("llada2_moe", "real")
+    shapes = bench_e2e.parameter_shapes("llada2_moe", config)
+    index = bench_e2e.shard_plan("llada2_moe", config, shapes)
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-{i:05d}-of-00007.safetensors" for i in range(1, 8)]
+    bias = 19 * 256 * 2  # the 19 sparse layers' expert_bias, which CHECKPOINT_BYTES leaves out
+    assert index["metadata"]["total_size"] == networks.CHECKPOINT_BYTES[cde.LLADA2_MINI] + bias
+    assert len(shapes) == 3 + 9 + 19 * (8 + 256 * 3 + 3)  # outside, dense layer 0, sparse layers
+    assert shapes["model.layers.19.mlp.experts.255.down_proj.weight"] == ((2048, 512), "randn")
+    assert shapes["model.layers.1.mlp.gate.expert_bias"] == ((256,), "zeros")
+    assert shapes["model.layers.0.attention.query_layernorm.weight"] == ((128,), "ones")
+    sizes = {}
+    for key, name in index["weight_map"].items():
+        sizes[name] = sizes.get(name, 0) + 2 * torch.Size(shapes[key][0]).numel()
+    assert max(sizes.values()) < 5e9
+
+
+def test_llada2_gets_the_ling_stand_in_with_its_ids(tmp_path):
+    bench_e2e.write_tokenizer(str(tmp_path), "llada2_moe")
+    tok = networks.load_tokenizer(str(tmp_path), "llada")
+    config = bench_e2e.model_config("llada2_moe", "real")
+    assert len(tok) == config["vocab_size"] == 157184
+    assert tok.eos_token_id == config["pad_token_id"] == 156892
+    assert tok.mask_token_id == networks.GENERATE_MASK_IDS["llada2_moe"] == 156895
 
 
 def test_shard_keys_are_contiguous_and_named_like_the_hub():
