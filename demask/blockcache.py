@@ -17,12 +17,12 @@ whatever its prompt length, in a batch too; docs/models.md lists it as a deviati
 import torch
 
 from . import networks
-from .blocknets import block_mask
+from .blocknets import block_mask, block_of
 
 
-def block_of(index, prompt_width, block_size):
-    """The block of padded index `index` (a tensor): floor((index - P) / S)."""
-    return torch.div(index - prompt_width, block_size, rounding_mode="floor")
+def first_true(flags, default):
+    """[R] long: each row's first True position in flags [R, T], `default` where a row has none."""
+    return torch.where(flags.any(1), flags.float().argmax(1).long(), torch.full_like(flags[:, 0], default, dtype=torch.long))
 
 
 def block_start(index, prompt_width, block_size):
@@ -87,8 +87,7 @@ class BlockCache:
     def invalidate(self, x, keys, positions):
         """Lower each row's `valid` to what still holds for this call's inputs."""
         T = x.shape[1]
-        changed = x != self.x
-        first = torch.where(changed.any(1), changed.float().argmax(1).long(), torch.full_like(self.valid, T))
+        first = first_true(x != self.x, T)
         self.valid = torch.minimum(self.valid, block_start(first, self.P, self.S).clamp(min=0))
         moved = (keys != self.key_mask).any(1) | (positions != self.positions).any(1)
         self.valid = torch.where(moved, torch.zeros_like(self.valid), self.valid)
@@ -113,7 +112,7 @@ class BlockCache:
 
         # the forward of the window against the cache, then what now holds exactly
         self.forward_window(x, keys, positions, rows, start, end)
-        first_mask = torch.where(masked.any(1), masked.float().argmax(1).long(), torch.full_like(self.valid, T))
+        first_mask = first_true(masked, T)
         held = torch.minimum(block_start(first_mask, self.P, self.S).clamp(min=0), torch.full_like(first_mask, end))
         self.valid[rows] = held[rows]
         self.x[rows], self.key_mask[rows], self.positions[rows] = x[rows], keys[rows], positions[rows]

@@ -18,6 +18,11 @@ SDAR_BLOCK_SIZE = 4        # SDAR-*-Chat config.json "block_size"; block_diffusi
 FAST_DLLM_BLOCK_SIZE = 32  # Fast_dLLM_v2_7B config.json "bd_size"; its generate's default
 
 
+def block_of(index, prompt_width, block_size):
+    """The block of padded index `index` (a tensor), the grid starting at the generation: floor((index - P) / S)."""
+    return torch.div(index - prompt_width, block_size, rounding_mode="floor")
+
+
 def block_mask(key_mask, prompt_width, block_size, query_idx=None, length=None):
     """Block-causal attention mask [B, 1, Q, T] (True = attend) with the block grid at the generation start:
     the token at padded index k is in block floor((k - prompt_width) / block_size), and query q attends key k
@@ -31,8 +36,7 @@ def block_mask(key_mask, prompt_width, block_size, query_idx=None, length=None):
     if query_idx is None:
         query_idx = torch.arange(T, device=device).expand(B, T)
     keys = torch.arange(T, device=device)
-    key_block = torch.div(keys - prompt_width, block_size, rounding_mode="floor")
-    query_block = torch.div(query_idx - prompt_width, block_size, rounding_mode="floor")
+    key_block, query_block = block_of(keys, prompt_width, block_size), block_of(query_idx, prompt_width, block_size)
     allowed = key_mask[:, None, :] & (key_block[None, None, :] <= query_block[..., None])
     allowed = allowed | (keys[None, None, :] == query_idx[..., None])
     return allowed[:, None]
